@@ -1,0 +1,184 @@
+"""Command line: `python -m echogen_core <command> ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import EchoGenError
+
+PRECISIONS = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _floats(text: str):
+    """'3' -> 3.0; '1,2,3' -> [1.0, 2.0, 3.0] (one value per scale)."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(name: str):
+    import torch
+
+    target = PRECISIONS[name]
+    return None if target is None else getattr(torch, target)
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import describe
+
+    for path in args.files:
+        print(describe(path))
+        print()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from .checkpoint import convert
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    t0 = time.time()
+    info = convert(args.src, args.dst, dtype=dtype)
+    print(f"wrote {args.dst}: {info['family']}, {info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB "
+          f"in {time.time() - t0:.1f} s")
+    return 0
+
+
+def add_sampling_args(p: argparse.ArgumentParser, cfg_default: str, tau_default: str):
+    p.add_argument("--width", type=int, default=None, help="requested width; snapped to the nearest template")
+    p.add_argument("--height", type=int, default=None, help="requested height; snapped to the nearest template")
+    p.add_argument("--size", default="auto", choices=["auto", "0.06M", "0.25M", "0.60M", "1M"],
+                   help="number of scales (0.06M=256px ... 1M=1024px); auto follows width x height")
+    p.add_argument("--cfg", type=_floats, default=_floats(cfg_default), help="guidance scale, or one per scale: 3,3,2,...")
+    p.add_argument("--tau", type=_floats, default=_floats(tau_default), help="temperature, or one per scale")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.97)
+    p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="transformer blocks' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--out", required=True, help="output PNG (batch: _0, _1, ... are appended)")
+
+
+def resolve_schedule(args, model):
+    from .schedules import nearest_schedule
+
+    default = 256 if model.cfg.preset_name() == "Infinity-125M" else 1024
+    width, height = args.width or default, args.height or default
+    sizes = None if args.size == "auto" else (args.size,)
+    return nearest_schedule(width, height, sizes)
+
+
+def save_images(images, out: str) -> list[str]:
+    from PIL import Image
+
+    from .sampler import to_uint8
+
+    arrays = to_uint8(images).cpu().numpy()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(arrays):
+        path = out_path if len(arrays) == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix or '.png'}")
+        tmp = path.with_name(path.name + ".partial")
+        Image.fromarray(arr).save(tmp, format="PNG")
+        tmp.replace(path)  # never leave a half-written image behind
+        paths.append(str(path))
+    return paths
+
+
+def progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="scale", file=sys.stderr)
+
+    def on_scale(index, n, _codes):
+        bar.update(1)
+        if index + 1 == n:
+            bar.close()
+
+    return on_scale
+
+
+def cmd_t2i(args) -> int:
+    from .checkpoint import load_infinity, load_vae
+    from .sampler import SamplerSettings, generate
+    from .text_encoder import T5TextEncoder
+
+    if args.batch < 1:
+        raise EchoGenError("--batch must be at least 1")
+    device = _device(args.device)
+    t0 = time.time()
+    model = load_infinity(args.model, device=device, dtype=_dtype(args.precision))
+    vae = load_vae(args.vae, device=device)
+    encoder = T5TextEncoder.from_folder(args.text_encoder, device=device)
+    if encoder.channels != model.cfg.text_channels:
+        raise EchoGenError(f"The text encoder in {args.text_encoder} gives {encoder.channels}-wide features but the "
+                           f"model expects {model.cfg.text_channels} (flan-t5-xl gives 2048).")
+    schedule = resolve_schedule(args, model)
+    settings = SamplerSettings(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+    print(f"loaded in {time.time() - t0:.1f} s on {device}; "
+          f"model {model.cfg.preset_name() or 'custom'} ({model.compute_dtype})", file=sys.stderr)
+    print(f"generating {args.batch} x {schedule.describe()}; cfg={args.cfg} tau={args.tau} "
+          f"top_k={args.top_k} top_p={args.top_p} seed={args.seed}", file=sys.stderr)
+    text = encoder.encode([args.prompt] * args.batch)
+    negative = encoder.encode([args.negative_prompt]) if args.negative_prompt else None
+    t1 = time.time()
+    result = generate(model, vae, text, schedule, settings, seed=args.seed, negative=negative,
+                      on_scale=progress_bar(schedule.num_scales, "scales"))
+    paths = save_images(result.images, args.out)
+    print(f"done in {time.time() - t1:.2f} s: " + ", ".join(paths))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m echogen_core",
+                                     description="Infinity / EchoGen: load, convert, inspect and generate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="say what a weights file is and whether it loads")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint as safetensors (bf16 by default)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("t2i", help="text-to-image with an Infinity model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="", help="replaces the learned empty prompt in guidance")
+    p.add_argument("--model", required=True, help="infinity_2b_reg.pth, 8B shard folder, or a converted file")
+    p.add_argument("--vae", required=True, help="infinity_vae_d32reg.pth (2B, 125M) or the 8B patchify VAE")
+    p.add_argument("--text-encoder", required=True, help="folder of google/flan-t5-xl (Hugging Face layout)")
+    add_sampling_args(p, cfg_default="3", tau_default="0.5")
+    p.set_defaults(func=cmd_t2i)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EchoGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written.", file=sys.stderr)
+        return 130

@@ -1,0 +1,189 @@
+"""Next-scale sampling for Infinity: KV-cached scale loop, classifier-free guidance on the logits,
+per-bit top-k/top-p, and the code-map bookkeeping between scales.
+
+Random numbers are drawn as the official sampler draws them: per scale, one `torch.multinomial` over
+every bit of the image (rows of 2 probabilities, after top-p). Each image of a batch has its own
+generator seeded with `seed + index`, so an image never depends on what else is in the batch, and a
+batch of one with seed s reproduces the official image for g_seed=s (same device, same probabilities).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError, InputError
+from .infinity import Infinity
+from .schedules import ScaleSchedule
+from .text_encoder import TextConditioning
+
+PerScale = Union[float, Sequence[float]]
+
+
+@dataclass
+class SamplerSettings:
+    cfg: PerScale = 3.0     # text guidance scale, one value or one per scale
+    tau: PerScale = 1.0     # temperature on the logits, one value or one per scale
+    top_k: int = 0          # per-bit top-k (0 = off; with 2 classes only top_k=1 changes anything)
+    top_p: float = 0.97     # per-bit nucleus: a bit whose minority probability is <= 1 - top_p is fixed
+
+    def per_scale(self, name: str, n: int) -> list[float]:
+        return expand_per_scale(getattr(self, name), n, name)
+
+
+def expand_per_scale(value: PerScale, n: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) < n:
+        raise InputError(f"{name} has {len(values)} per-scale values but the schedule has {n} scales; "
+                         f"give one value, or at least {n}.")
+    return values[:n]
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor                      # (B, 3, H, W) in [-1, 1]
+    bits: list = field(default_factory=list)  # per scale (B, h, w, d_vae) uint8, VAE layout
+    summed_codes: Optional[torch.Tensor] = None  # (B, d_vae, H/s, W/s)
+
+
+def patchify_factor(model: Infinity, vae) -> bool:
+    """Whether tokens carry 2x2 patches of VAE positions (Infinity-8B) or single positions (2B, 125M)."""
+    if model.cfg.bits == vae.bits:
+        return False
+    if model.cfg.bits == 4 * vae.bits:
+        return True
+    raise CheckpointError(
+        f"The transformer predicts {model.cfg.bits} bits per token but the VAE has {vae.bits}-bit codes: "
+        "they are not a pair. Infinity-2B and the 125M model use infinity_vae_d32reg.pth (32 bits); "
+        "Infinity-8B uses infinity_vae_d56_f8_14_patchify.pth (14 bits x 2x2 patches = 56).")
+
+
+def tokens_to_vae_bits(bits: torch.Tensor, patchify: bool) -> torch.Tensor:
+    """(B, h, w, d) token bits -> (B, h', w', d_vae) latent bits (pixel-shuffle order for patchify)."""
+    if not patchify:
+        return bits
+    return F.pixel_shuffle(bits.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+
+
+def vae_to_token_layout(x: torch.Tensor, patchify: bool) -> torch.Tensor:
+    """(B, d_vae, h', w') code map -> (B, h*w, d) token features (bit j = 4c + 2dy + dx for patchify)."""
+    if patchify:
+        x = F.pixel_unshuffle(x, 2)
+    return x.flatten(2).transpose(1, 2)
+
+
+def resize_codes(codes: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of a code map, no antialias: both the accumulation (up) and the next-scale input
+    (down) use it, matching what Infinity was trained on."""
+    if tuple(codes.shape[-2:]) == tuple(size):
+        return codes
+    return F.interpolate(codes, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def next_scale_inputs(vae, bits: Sequence[torch.Tensor], schedule: ScaleSchedule, patchify: bool) -> torch.Tensor:
+    """Teacher-forcing inputs (B, L - 1, d) for scales 1.. from per-scale VAE-layout bits."""
+    grids = schedule.vae_grids(patchify)
+    full = grids[-1]
+    summed = 0
+    inputs = []
+    for s in range(len(grids) - 1):
+        summed = summed + resize_codes(vae.bits_to_codes(bits[s]), full)
+        inputs.append(vae_to_token_layout(resize_codes(summed, grids[s + 1]), patchify))
+    return torch.cat(inputs, dim=1)
+
+
+def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (N, V) -> (N,) samples; the official filter order: top-k, then top-p, then one multinomial."""
+    V = logits.shape[-1]
+    if top_k > 0:
+        kth = logits.topk(min(top_k, V), dim=-1).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False  # the most likely class always survives
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, replacement=True, generator=generator)[:, 0]
+
+
+ScaleCallback = Callable[[int, int, torch.Tensor], None]  # (scale index, number of scales, summed codes)
+
+
+@torch.no_grad()
+def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedule,
+             settings: SamplerSettings = SamplerSettings(), seed: int = 0,
+             negative: Optional[TextConditioning] = None, on_scale: Optional[ScaleCallback] = None,
+             decode: bool = True) -> GenerationResult:
+    """Text-to-image with Infinity. `text` holds B prompts; image i uses the generator seeded `seed + i`."""
+    patchify = patchify_factor(model, vae)
+    n_scales = schedule.num_scales
+    if n_scales > model.cfg.num_levels:
+        raise InputError(f"The schedule has {n_scales} scales but the model knows only {model.cfg.num_levels}.")
+    cfg_list = settings.per_scale("cfg", n_scales)
+    tau_list = settings.per_scale("tau", n_scales)
+    if any(t <= 0 for t in tau_list):
+        raise InputError(f"Temperatures must be positive, got {tau_list}.")
+    B = text.features.shape[0]
+    guided = any(c != 1 for c in cfg_list)
+
+    text = text.to(model.device)
+    if negative is not None:
+        negative = negative.to(model.device)
+    rows = text
+    if guided:
+        uncond = _unconditional_rows(model, text, negative)
+        rows = text.concat(uncond)
+    ctx = model.encode_text(rows)
+    R = 2 * B if guided else B
+    cache = model.new_cache(R, schedule)
+
+    device = model.device
+    generators = [torch.Generator(device=device).manual_seed(int(seed) + i) for i in range(B)]
+    vae_grids = schedule.vae_grids(patchify)
+    full = vae_grids[-1]
+    summed = torch.zeros(B, vae.bits, *full, device=device)
+    all_bits = []
+    x = model.sos_tokens(ctx)
+    for s, (h, w) in enumerate(schedule.grids):
+        logits = model.forward_scale(x, ctx, schedule, s, cache).mul(1 / tau_list[s])
+        cfg = cfg_list[s]
+        if guided and cfg != 1:
+            logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
+        else:
+            logits = logits[:B]
+        flat = logits.reshape(B, -1, 2)
+        bits = torch.stack([sample_bits(flat[i], settings.top_k, settings.top_p, generators[i]) for i in range(B)])
+        bits = tokens_to_vae_bits(bits.view(B, h, w, model.cfg.bits), patchify).to(torch.uint8)
+        all_bits.append(bits)
+        codes = vae.bits_to_codes(bits).to(device)
+        summed = summed + resize_codes(codes, full)
+        if s + 1 < n_scales:
+            nxt = vae_to_token_layout(resize_codes(summed, vae_grids[s + 1]), patchify)
+            x = model.embed_bits(nxt).repeat(R // B, 1, 1)
+        if on_scale is not None:
+            on_scale(s, n_scales, summed)
+    images = vae.decode(summed) if decode else None
+    return GenerationResult(images=images, bits=all_bits, summed_codes=summed)
+
+
+def _unconditional_rows(model: Infinity, text: TextConditioning, negative: Optional[TextConditioning]):
+    if negative is None:
+        return model.empty_prompt(text.lengths)
+    B = text.features.shape[0]
+    if negative.features.shape[0] == 1 and B > 1:
+        negative = negative.select([0] * B)
+    if negative.features.shape[0] != B:
+        raise InputError(f"Got {negative.features.shape[0]} negative prompts for {B} prompts; give one or {B}.")
+    if negative.features.shape[-1] != text.features.shape[-1]:
+        raise InputError("The negative prompt was encoded by a different text encoder than the prompt.")
+    return negative
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3). Rounds to nearest; the official code truncates, which
+    darkens every pixel by half a level on average."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
