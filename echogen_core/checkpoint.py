@@ -27,7 +27,7 @@ from .infinity import Infinity, InfinityConfig
 # Buffers that older official checkpoints may carry; the official loader drops them too.
 LEGACY_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 # Nesting used by the official training code and common tools, outermost first.
-WRAPPER_KEYS = ("trainer", "gpt_fsdp", "gpt_wo_ddp", "state_dict", "model", "module", "gpt")
+WRAPPER_KEYS = ("trainer", "gpt_fsdp", "gpt_wo_ddp", "state_dict", "model", "module", "gpt", "vae")
 MAX_LISTED = 20
 
 
@@ -368,11 +368,15 @@ def convert(src, dst, dtype: torch.dtype = torch.bfloat16) -> dict:
         keep_fp32 = lambda k: False  # noqa: E731
     else:
         raise CheckpointError(f"{src}: not an Infinity, EchoGen or BSQ VAE checkpoint; nothing converted.")
-    out = {}
+    out, seen = {}, set()
     for k, v in sd.items():
         if v.is_floating_point():
             v = v.to(torch.float32 if keep_fp32(k) else dtype)
-        out[k] = v.contiguous()
+        v = v.contiguous()
+        if v.data_ptr() in seen:  # aliases (the VAE's quantizer/quantize mask) must be stored separately
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "echogen.family": family, "echogen.source": Path(loaded.path).name}

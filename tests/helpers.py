@@ -41,3 +41,13 @@ def random_text(lengths, channels: int = 128, seed: int = 0) -> TextConditioning
 def random_bits(schedule_grids, batch: int, bits: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 2, (batch, h, w, bits), generator=g, dtype=torch.uint8) for h, w in schedule_grids]
+
+
+def micro_vae(codebook_dim: int = 8, patch_size: int = 16, seed: int = 1):
+    """The real VAE classes at the smallest useful width: decoding 256 px stays well under a second."""
+    from echogen_core.bsq_vae import BSQVAE, BSQVAEConfig
+
+    levels = (1,) * (len(bin(patch_size)) - 2)
+    cfg = BSQVAEConfig(codebook_dim=codebook_dim, patch_size=patch_size, base_ch=8, ch_mult=levels,
+                       num_res_blocks=1, norm_groups=4)
+    return randomize_(BSQVAE(cfg), seed=seed, std=0.1).eval()
