@@ -166,7 +166,8 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
             x = model.embed_bits(nxt).repeat(R // B, 1, 1)
         if on_scale is not None:
             on_scale(s, n_scales, summed)
-    images = vae.decode(summed) if decode else None
+    # One image at a time: bounded VAE memory at 1024 px, and no batch-size-dependent conv arithmetic.
+    images = torch.cat([vae.decode(summed[i:i + 1]) for i in range(B)]) if decode else None
     return GenerationResult(images=images, bits=all_bits, summed_codes=summed)
 
 

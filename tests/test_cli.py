@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from helpers import micro_vae, tiny_infinity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "echogen_core", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_t2i_end_to_end_with_official_layout_files(tmp_path, tiny_t5_dir):
+    model_path = tmp_path / "infinity_tiny.pth"
+    torch.save(tiny_infinity(seed=4, text_channels=64).state_dict(), model_path)
+    vae_path = tmp_path / "vae_tiny.pth"
+    torch.save({"vae": micro_vae().state_dict()}, vae_path)
+    out = tmp_path / "img.png"
+    args = ["t2i", "--prompt", "a red cube on a table", "--model", model_path, "--vae", vae_path,
+            "--text-encoder", tiny_t5_dir, "--width", 330, "--height", 250, "--size", "0.06M", "--seed", 5,
+            "--batch", 2, "--out", out]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "generating 2 x 320x240" in res.stderr  # 330x250 snaps to the 0.75 template at 0.06M
+    first = np.asarray(Image.open(tmp_path / "img_0.png"))
+    assert first.shape == (240, 320, 3)
+    again = run_cli(*args[:-4], "--batch", 1, "--out", tmp_path / "alone.png")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png")), first)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_t2i_clear_errors(tmp_path, tiny_t5_dir):
+    model_path = tmp_path / "m.pth"
+    torch.save(tiny_infinity(text_channels=64).state_dict(), model_path)
+    vae_path = tmp_path / "v.pth"
+    torch.save({"vae": micro_vae(codebook_dim=6).state_dict()}, vae_path)
+    res = run_cli("t2i", "--prompt", "x", "--model", model_path, "--vae", vae_path, "--text-encoder", tiny_t5_dir,
+                  "--out", tmp_path / "x.png")
+    assert res.returncode == 2 and "not a pair" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("t2i", "--prompt", "x", "--model", tmp_path / "missing.pth", "--vae", vae_path,
+                  "--text-encoder", tiny_t5_dir, "--out", tmp_path / "x.png")
+    assert res.returncode == 2 and "missing.pth" in res.stderr

@@ -1,0 +1,34 @@
+import ast
+import importlib
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_core_never_imports_comfyui():
+    for path in (ROOT / "echogen_core").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in {"comfy", "folder_paths", "nodes", "comfy_extras", "server"}, (path, name)
+
+
+def test_pack_imports_without_comfyui():
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('echogen_pack', "
+            f"r'{ROOT / '__init__.py'}', submodule_search_locations=[r'{ROOT}']); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['echogen_pack'] = m; spec.loader.exec_module(m); "
+            "assert isinstance(m.NODE_CLASS_MAPPINGS, dict); assert m.WEB_DIRECTORY == './js'; "
+            "assert not any(k.startswith('comfy') for k in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_requirements_never_pin_torch():
+    lines = [l.strip().lower() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert not any(l.startswith(("torch", "torchvision", "torchaudio")) for l in lines)
