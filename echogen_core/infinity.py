@@ -285,17 +285,25 @@ class Block(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.sa.mat_qkv.weight.dtype
 
+    def cross_kv(self, ctx: "TextContext"):
+        """Keys, values and key mask of the cross-attention: the prompt tokens."""
+        k, v = self.ca.project_kv(ctx.tokens)
+        return k, v, ctx.key_mask
+
     def modulation(self, ada: torch.Tensor):
         # [gamma1, gamma2, scale1, scale2, shift1, shift2], each (B, 1, C), fp32
         return (self.ada_gss.float() + ada).unbind(2)
 
-    def forward(self, x, ada, text_kv, rope, attn_mask=None, cache=None, layer=0):
-        """x (B, L, C) fp32 residual stream; ada (B, 1, 6, C) fp32; text_kv = (k, v, key_mask)."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(ada)
+    def self_attention(self, h, ctx: "TextContext", rope, attn_mask, cache, layer):
+        return self.sa(h, rope, attn_mask, cache, layer)
+
+    def forward(self, x, ctx: "TextContext", rope, attn_mask=None, cache=None, layer=0):
+        """x (B, L, C) fp32 residual stream; ctx holds the AdaLN output and the cross-attention keys."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(ctx.ada)
         dt = self.dtype
         h = layer_norm_fp32(x, self.eps) * (1 + scale1) + shift1
-        x = x + self.sa(h.to(dt), rope, attn_mask, cache, layer).float() * gamma1
-        k, v, key_mask = text_kv
+        x = x + self.self_attention(h.to(dt), ctx, rope, attn_mask, cache, layer).float() * gamma1
+        k, v, key_mask = ctx.kv(layer, self)
         h = layer_norm_fp32(x, self.eps, self.ca_norm.weight, self.ca_norm.bias)
         x = x + self.ca(h.to(dt), k, v, key_mask).float()
         h = layer_norm_fp32(x, self.eps) * (1 + scale2) + shift2
@@ -340,8 +348,7 @@ class TextContext:
         while len(self.block_kv) <= layer:
             self.block_kv.append(None)
         if self.block_kv[layer] is None:
-            k, v = block.ca.project_kv(self.tokens)
-            self.block_kv[layer] = (k, v, self.key_mask)
+            self.block_kv[layer] = block.cross_kv(self)
         return self.block_kv[layer]
 
 
@@ -412,6 +419,12 @@ class Infinity(nn.Module):
         """Scale 0: the pooled prompt itself is the first token."""
         return (ctx.cond.float() + self.pos_start.float()[0]).unsqueeze(1)  # (B, 1, C)
 
+    #: tokens before SOS in scale 0 whose outputs are discarded (EchoGen prepends a subject token)
+    num_prefix = 0
+
+    def first_tokens(self, ctx: TextContext) -> torch.Tensor:
+        return self.sos_tokens(ctx)
+
     def embed_bits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, d) next-scale input (code values, not bits) -> (B, L, C)."""
         return self.word_embed(x.float())
@@ -419,7 +432,7 @@ class Infinity(nn.Module):
     # -- transformer --------------------------------------------------------------------------------------------
     def run_blocks(self, x, ctx: TextContext, rope, attn_mask=None, cache: Optional[KVCache] = None):
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx.ada, ctx.kv(i, block), rope, attn_mask, cache, i)
+            x = block(x, ctx, rope, attn_mask, cache, i)
         return x
 
     def logits(self, hidden: torch.Tensor, ctx: TextContext) -> torch.Tensor:
@@ -428,37 +441,41 @@ class Infinity(nn.Module):
 
     def forward_scale(self, x: torch.Tensor, ctx: TextContext, schedule: ScaleSchedule, scale: int,
                       cache: KVCache) -> torch.Tensor:
-        """One step of generation: the tokens of `scale` (B, h*w, C) attend to the cache and themselves."""
+        """One step of generation: the tokens of `scale` (B, h*w, C) attend to the cache and themselves.
+        For scale 0, x is `first_tokens(ctx)`. Returns logits (B, h*w, 2d)."""
         start = schedule.offsets[scale]
         end = start + schedule.tokens_per_scale[scale]
         x = x + self.lvl_embed.weight[scale].float()
-        rope = self.rope(schedule, start, end, x.device)
+        rope = self.rope(schedule, start, end, x.device, with_prefix=(scale == 0))
         hidden = self.run_blocks(x, ctx, rope, None, cache)
-        cache.advance(end - start)
-        return self.logits(hidden, ctx)
+        cache.advance(x.shape[1])
+        return self.logits(hidden[:, self.num_prefix:] if scale == 0 else hidden, ctx)
 
-    def forward(self, text: TextConditioning | TextContext, next_scale_inputs: torch.Tensor,
-                schedule: ScaleSchedule) -> torch.Tensor:
+    def forward(self, text, next_scale_inputs: torch.Tensor, schedule: ScaleSchedule) -> torch.Tensor:
         """Teacher forcing over the whole sequence in one pass with the block-causal mask.
 
-        next_scale_inputs: (B, L - 1, d), the inputs of scales 1.. (scale 0 is the SOS token).
-        Returns logits (B, L, 2d)."""
+        text: TextConditioning or a prepared context. next_scale_inputs: (B, L - 1, d), the inputs of
+        scales 1.. (scale 0 is the SOS token). Returns logits (B, L, 2d)."""
         ctx = text if isinstance(text, TextContext) else self.encode_text(text)
-        x = torch.cat([self.sos_tokens(ctx), self.embed_bits(next_scale_inputs)], dim=1)
+        x = torch.cat([self.first_tokens(ctx), self.embed_bits(next_scale_inputs)], dim=1)
         scale_of = schedule.scale_index().to(x.device)
+        scale_of = torch.cat([scale_of.new_zeros(self.num_prefix), scale_of])
         x = x + self.lvl_embed(scale_of).float()
         mask = scale_of[None, :] <= scale_of[:, None]  # (L, L): token i sees j iff scale(j) <= scale(i)
-        rope = self.rope(schedule, 0, schedule.total_tokens, x.device)
-        return self.logits(self.run_blocks(x, ctx, rope, mask), ctx)
+        rope = self.rope(schedule, 0, schedule.total_tokens, x.device, with_prefix=True)
+        return self.logits(self.run_blocks(x, ctx, rope, mask)[:, self.num_prefix:], ctx)
 
-    def rope(self, schedule: ScaleSchedule, start: int, end: int, device):
-        cos, sin = rope_tables(rope_positions(schedule)[start:end], self.cfg.head_dim)
+    def rope(self, schedule: ScaleSchedule, start: int, end: int, device, with_prefix: bool = False):
+        positions = rope_positions(schedule)[start:end]
+        if with_prefix and self.num_prefix:  # prefix tokens share the SOS position (0, 0)
+            positions = torch.cat([positions[:1].expand(self.num_prefix, 2), positions])
+        cos, sin = rope_tables(positions, self.cfg.head_dim)
         return cos.to(device), sin.to(device)
 
     def new_cache(self, batch: int, schedule: ScaleSchedule) -> KVCache:
         c = self.cfg
-        return KVCache(c.depth, batch, c.num_heads, c.head_dim, schedule.total_tokens, self.device,
-                       self.compute_dtype)
+        return KVCache(c.depth, batch, c.num_heads, c.head_dim, schedule.total_tokens + self.num_prefix,
+                       self.device, self.compute_dtype)
 
     # -- initialisation (training from scratch, tests) ------------------------------------------------------------
     @torch.no_grad()

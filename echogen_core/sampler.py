@@ -147,7 +147,7 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     full = vae_grids[-1]
     summed = torch.zeros(B, vae.bits, *full, device=device)
     all_bits = []
-    x = model.sos_tokens(ctx)
+    x = model.first_tokens(ctx)
     for s, (h, w) in enumerate(schedule.grids):
         logits = model.forward_scale(x, ctx, schedule, s, cache).mul(1 / tau_list[s])
         cfg = cfg_list[s]

@@ -77,7 +77,7 @@ def teacher_logits_both_ways(model, vae, schedule, patchify, batch=2):
 
     ctx = model.encode_text(text)
     cache = model.new_cache(batch, schedule)
-    x = model.sos_tokens(ctx)
+    x = model.first_tokens(ctx)
     cached = []
     for s, start in enumerate(schedule.offsets):
         cached.append(model.forward_scale(x, ctx, schedule, s, cache))

@@ -65,7 +65,7 @@ def test_guidance_is_applied_to_tempered_logits(pair, monkeypatch):
         for t in rows:
             ctx = model.encode_text(t)
             cache = model.new_cache(1, SCHEDULE)
-            l0 = model.forward_scale(model.sos_tokens(ctx), ctx, SCHEDULE, 0, cache)
+            l0 = model.forward_scale(model.first_tokens(ctx), ctx, SCHEDULE, 0, cache)
             nxt = vae.bits_to_codes(out.bits[0])
             nxt = torch.nn.functional.interpolate(nxt, size=SCHEDULE.grids[-1], mode="bilinear", align_corners=False)
             nxt = torch.nn.functional.interpolate(nxt, size=SCHEDULE.grids[1], mode="bilinear", align_corners=False)
