@@ -182,6 +182,8 @@ _FLAT_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 def classify(sd: dict) -> str:
+    if sd and all("control" in k for k in sd):
+        return "echogen_adapter"
     if "word_embed.weight" in sd and any(_BLOCK_RE.match(k) or _FLAT_BLOCK_RE.match(k) for k in sd):
         return "echogen" if any("control" in k for k in sd) else "infinity"
     if any(k.startswith("encoder.conv_in.") for k in sd) and any(k.startswith("decoder.") for k in sd):
@@ -363,6 +365,9 @@ def convert(src, dst, dtype: torch.dtype = torch.bfloat16) -> dict:
         sd, loaded = infinity_state_dict(src)
         infer_infinity_config(sd)  # refuse to write something we could not load back
         keep_fp32 = lambda k: not _block_param(k)  # noqa: E731
+    elif family == "echogen_adapter":
+        sd, loaded = probe, loaded
+        keep_fp32 = lambda k: not _block_param(k)  # noqa: E731
     elif family == "bsq_vae":
         sd, loaded = vae_state_dict(src)
         keep_fp32 = lambda k: False  # noqa: E731
@@ -448,3 +453,87 @@ def _coverage_line(expected: dict, sd: dict) -> str:
         return f"coverage: complete ({len(expected)} expected keys, all present with the right shapes)"
     return (f"coverage: {len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}, "
             f"{len(wrong)} wrong shape {wrong[:5]}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EchoGen
+
+
+def infer_echogen_config(sd: dict):
+    from .echogen import EchoGenConfig
+
+    for key in ("control_features_uncond", "control_features_refer_uncond"):
+        if key not in sd:
+            raise CheckpointError(f"Not an EchoGen state dict: missing {key}.")
+    sem_len, sem_dim = sd["control_features_uncond"].shape
+    con_len, con_dim = sd["control_features_refer_uncond"].shape
+    return EchoGenConfig.from_backbone(infer_infinity_config(sd), semantic_dim=int(sem_dim), semantic_len=int(sem_len),
+                                       content_dim=int(con_dim), content_len=int(con_len))
+
+
+def _raw_state_dict(path) -> tuple[dict, LoadedFile]:
+    loaded = read_file(path)
+    sd = unwrap_state_dict(loaded.tensors, loaded.path, loaded.notes)
+    sd = canonical_block_names(sd, loaded.notes)
+    for k in LEGACY_KEYS:
+        if sd.pop(k, None) is not None:
+            loaded.notes.append(f"dropped legacy buffer {k}")
+    return sd, loaded
+
+
+def echogen_state_dict(path, backbone=None, adapter=None) -> tuple[dict, list, str]:
+    """Merge the files that together make an EchoGen model: a full `echogen_2b.pth`; or an EchoGen file
+    without the frozen part plus `infinity_2b_reg.pth` (`backbone`); or any Infinity file plus an adapter
+    file holding only the trained 'control' weights (`adapter`)."""
+    sources = [p for p in (path, backbone, adapter) if p is not None]
+    merged: dict = {}
+    notes: list = []
+    for src in sources:
+        sd, loaded = _raw_state_dict(src)
+        family = classify(sd)
+        if family in ("bsq_vae", "unknown"):
+            raise CheckpointError(f"{loaded.path} is not an Infinity/EchoGen transformer or adapter (it looks like: {family}).")
+        notes += [f"{Path(loaded.path).name}: {n}" for n in loaded.notes]
+        for k, v in sd.items():
+            if k in merged and "control" not in k:
+                continue  # the first file that has a backbone weight provides it
+            merged[k] = v
+    if not any("control" in k for k in merged):
+        raise CheckpointError(f"No EchoGen ('control') weights in {', '.join(map(str, sources))}: give echogen_2b.pth "
+                              "or an adapter file.")
+    if "word_embed.weight" not in merged:
+        raise CheckpointError(f"{', '.join(map(str, sources))} hold only the EchoGen adapter; also give the Infinity "
+                              "backbone it was trained on (infinity_2b_reg.pth for echogen_2b).")
+    return merged, notes, " + ".join(str(s) for s in sources)
+
+
+def load_echogen(path, backbone=None, adapter=None, device="cpu", dtype: Optional[torch.dtype] = None):
+    """Load EchoGen strictly from `echogen_2b.pth` (optionally nested under trainer/gpt_fsdp), with or
+    without a separate Infinity backbone file, or an Infinity file plus an adapter file."""
+    from .echogen import EchoGen
+
+    sd, notes, what = echogen_state_dict(path, backbone, adapter)
+    cfg = infer_echogen_config(sd)
+    model = build_from_state_dict(EchoGen, cfg, sd, what, "EchoGen model", notes)
+    model.load_notes = notes
+    return finalize(model, device, dtype)
+
+
+def save_adapter(model, path) -> dict:
+    """Write only the trained injection weights (a few percent of a full checkpoint per block type,
+    loadable over any Infinity checkpoint of the same size)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().clone() for k, v in model.adapter_state_dict().items()}
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={"format": "pt", "echogen.family": "echogen_adapter",
+                                      "echogen.config": json.dumps(model.cfg.to_dict())})
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"tensors": len(sd), "bytes": dst.stat().st_size}

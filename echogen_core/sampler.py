@@ -24,7 +24,8 @@ PerScale = Union[float, Sequence[float]]
 
 @dataclass
 class SamplerSettings:
-    cfg: PerScale = 3.0     # text guidance scale, one value or one per scale
+    cfg: PerScale = 3.0     # text guidance scale (gamma_t), one value or one per scale
+    subject_cfg: PerScale = 2.5  # subject guidance scale (gamma_I), used when a subject is given
     tau: PerScale = 1.0     # temperature on the logits, one value or one per scale
     top_k: int = 0          # per-bit top-k (0 = off; with 2 classes only top_k=1 changes anything)
     top_p: float = 0.97     # per-bit nucleus: a bit whose minority probability is <= 1 - top_p is fixed
@@ -117,28 +118,47 @@ ScaleCallback = Callable[[int, int, torch.Tensor], None]  # (scale index, number
 def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedule,
              settings: SamplerSettings = SamplerSettings(), seed: int = 0,
              negative: Optional[TextConditioning] = None, on_scale: Optional[ScaleCallback] = None,
-             decode: bool = True) -> GenerationResult:
-    """Text-to-image with Infinity. `text` holds B prompts; image i uses the generator seeded `seed + i`."""
+             decode: bool = True, subject=None) -> GenerationResult:
+    """Text-to-image with Infinity, or subject-driven generation with EchoGen when `subject`
+    (SubjectFeatures for each prompt, or one for all) is given.
+
+    `text` holds B prompts; image i uses the generator seeded `seed + i`. Guidance, all rows in one batch:
+      without a subject: (text), (empty)                       logits = l_u + g_t (l_t - l_u)
+      with a subject:    (text, subject), (text, none), (empty, none)
+                         logits = l_uu + g_t (l_t - l_uu) + g_I (l_ti - l_t)
+    """
     patchify = patchify_factor(model, vae)
     n_scales = schedule.num_scales
     if n_scales > model.cfg.num_levels:
         raise InputError(f"The schedule has {n_scales} scales but the model knows only {model.cfg.num_levels}.")
     cfg_list = settings.per_scale("cfg", n_scales)
+    subject_cfg_list = settings.per_scale("subject_cfg", n_scales)
     tau_list = settings.per_scale("tau", n_scales)
     if any(t <= 0 for t in tau_list):
         raise InputError(f"Temperatures must be positive, got {tau_list}.")
     B = text.features.shape[0]
-    guided = any(c != 1 for c in cfg_list)
+    is_echogen = hasattr(model, "encode_conditions")
+    if subject is not None and not is_echogen:
+        raise InputError("A subject was given but the model is plain Infinity; load an EchoGen checkpoint.")
 
     text = text.to(model.device)
     if negative is not None:
         negative = negative.to(model.device)
-    rows = text
-    if guided:
+    if subject is not None:
+        model.check_subject(subject)
+        subject = _broadcast_subject(subject.to(model.device), B)
         uncond = _unconditional_rows(model, text, negative)
-        rows = text.concat(uncond)
-    ctx = model.encode_text(rows)
-    R = 2 * B if guided else B
+        null = model.null_subject(B)
+        rows_text = text.concat(text).concat(uncond)
+        rows_subject = subject.concat(null).concat(null)
+        guided, n_rows = True, 3
+    else:
+        guided = any(c != 1 for c in cfg_list)
+        rows_text = text.concat(_unconditional_rows(model, text, negative)) if guided else text
+        n_rows = 2 if guided else 1
+        rows_subject = model.null_subject(n_rows * B) if is_echogen else None
+    ctx = model.encode_conditions(rows_text, rows_subject) if is_echogen else model.encode_text(rows_text)
+    R = n_rows * B
     cache = model.new_cache(R, schedule)
 
     device = model.device
@@ -150,11 +170,7 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     x = model.first_tokens(ctx)
     for s, (h, w) in enumerate(schedule.grids):
         logits = model.forward_scale(x, ctx, schedule, s, cache).mul(1 / tau_list[s])
-        cfg = cfg_list[s]
-        if guided and cfg != 1:
-            logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
-        else:
-            logits = logits[:B]
+        logits = combine_guidance(logits, n_rows, cfg_list[s], subject_cfg_list[s])
         flat = logits.reshape(B, -1, 2)
         bits = torch.stack([sample_bits(flat[i], settings.top_k, settings.top_p, generators[i]) for i in range(B)])
         bits = tokens_to_vae_bits(bits.view(B, h, w, model.cfg.bits), patchify).to(torch.uint8)
@@ -169,6 +185,26 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     # One image at a time: bounded VAE memory at 1024 px, and no batch-size-dependent conv arithmetic.
     images = torch.cat([vae.decode(summed[i:i + 1]) for i in range(B)]) if decode else None
     return GenerationResult(images=images, bits=all_bits, summed_codes=summed)
+
+
+def combine_guidance(logits: torch.Tensor, n_rows: int, cfg: float, subject_cfg: float) -> torch.Tensor:
+    """Merge the guidance rows (stacked along the batch) into one set of logits per image."""
+    if n_rows == 1:
+        return logits
+    if n_rows == 2:
+        cond, uncond = logits.chunk(2)
+        return cond if cfg == 1 else cfg * cond + (1 - cfg) * uncond
+    with_subject, text_only, neither = logits.chunk(3)
+    return neither + cfg * (text_only - neither) + subject_cfg * (with_subject - text_only)
+
+
+def _broadcast_subject(subject, batch: int):
+    n = subject.semantic.shape[0]
+    if n == batch:
+        return subject
+    if n == 1:
+        return subject.select([0] * batch)
+    raise InputError(f"Got {n} subjects for {batch} prompts; give one subject or one per prompt.")
 
 
 def _unconditional_rows(model: Infinity, text: TextConditioning, negative: Optional[TextConditioning]):
