@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .bsq_vae import BSQVAE
 from .errors import CheckpointError, InputError
 from .infinity import Infinity
 from .schedules import ScaleSchedule
@@ -82,7 +83,7 @@ def resize_codes(codes: torch.Tensor, size) -> torch.Tensor:
     (down) use it, matching what Infinity was trained on."""
     if tuple(codes.shape[-2:]) == tuple(size):
         return codes
-    return F.interpolate(codes, size=tuple(size), mode="bilinear", align_corners=False)
+    return BSQVAE.next_scale_input(codes, tuple(size))  # the official kernel, bit for bit
 
 
 def next_scale_inputs(vae, bits: Sequence[torch.Tensor], schedule: ScaleSchedule, patchify: bool) -> torch.Tensor:
