@@ -146,6 +146,49 @@ def cmd_t2i(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from .checkpoint import load_echogen, load_vae
+    from .dinov2 import load_dinov2
+    from .flux_vae import load_flux_vae_encoder
+    from .sampler import SamplerSettings, generate
+    from .subject import center_crop_reference, encode_subject, reference_geometry
+    from .text_encoder import T5TextEncoder
+
+    device = _device(args.device)
+    t0 = time.time()
+    model = load_echogen(args.model, backbone=args.backbone, adapter=args.adapter, device=device,
+                         dtype=_dtype(args.precision))
+    vae = load_vae(args.vae, device=device)
+    encoder = T5TextEncoder.from_folder(args.text_encoder, device=device)
+    dinov2 = load_dinov2(args.dinov2, device=device)
+    content_encoder = load_flux_vae_encoder(args.content_vae, device=device)
+    crop, dino_size = reference_geometry(model.cfg)
+    try:
+        reference = Image.open(args.subject_image)
+    except OSError as e:
+        raise EchoGenError(f"Cannot open the subject image {args.subject_image}: {e}") from None
+    # Subject segmentation is not built yet: the reference is used as given (ideally the subject on white).
+    print(f"subject: {args.subject_image} used as prepared (no segmentation), {crop}px crop, DINOv2 at "
+          f"{dino_size}px; subject words: {args.subject_words or '-'}", file=sys.stderr)
+    subject = encode_subject(center_crop_reference(reference, crop), model.cfg, dinov2, content_encoder)
+    schedule = resolve_schedule(args, model)
+    settings = SamplerSettings(cfg=args.cfg, subject_cfg=args.subject_cfg, tau=args.tau, top_k=args.top_k,
+                               top_p=args.top_p)
+    print(f"loaded in {time.time() - t0:.1f} s on {device}; model {model.cfg.preset_name() or 'custom'}", file=sys.stderr)
+    print(f"generating {args.batch} x {schedule.describe()}; gamma_t={args.cfg} gamma_I={args.subject_cfg} "
+          f"tau={args.tau} top_k={args.top_k} top_p={args.top_p} seed={args.seed}", file=sys.stderr)
+    text = encoder.encode([args.prompt] * args.batch)
+    negative = encoder.encode([args.negative_prompt]) if args.negative_prompt else None
+    t1 = time.time()
+    result = generate(model, vae, text, schedule, settings, seed=args.seed, negative=negative, subject=subject,
+                      on_scale=progress_bar(schedule.num_scales, "scales"))
+    paths = save_images(result.images, args.out)
+    print(f"done in {time.time() - t1:.2f} s: " + ", ".join(paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m echogen_core",
                                      description="Infinity / EchoGen: load, convert, inspect and generate.")
@@ -169,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", required=True, help="folder of google/flan-t5-xl (Hugging Face layout)")
     add_sampling_args(p, cfg_default="3", tau_default="0.5")
     p.set_defaults(func=cmd_t2i)
+
+    p = sub.add_parser("generate", help="subject-driven generation with EchoGen")
+    p.add_argument("--subject-image", required=True, help="reference photo (for now: already segmented, on white)")
+    p.add_argument("--subject-words", default="", help="what the subject is, e.g. 'dog' (used by segmentation)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--model", required=True, help="echogen_2b.pth (or an Infinity file with --adapter)")
+    p.add_argument("--backbone", default=None, help="infinity_2b_reg.pth, when --model lacks the frozen weights")
+    p.add_argument("--adapter", default=None, help="adapter-only safetensors over an Infinity --model")
+    p.add_argument("--vae", required=True, help="infinity_vae_d32reg.pth")
+    p.add_argument("--text-encoder", required=True, help="folder of google/flan-t5-xl")
+    p.add_argument("--dinov2", required=True, help="dinov2_vitb14_pretrain.pth or a facebook/dinov2-base folder")
+    p.add_argument("--content-vae", required=True, help="FLUX.1 ae.safetensors or a diffusers vae/ folder")
+    p.add_argument("--subject-cfg", type=_floats, default=_floats("2.5"), help="gamma_I, or one per scale")
+    add_sampling_args(p, cfg_default="2.5", tau_default="2.0")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -48,3 +48,28 @@ def test_t2i_clear_errors(tmp_path, tiny_t5_dir):
     res = run_cli("t2i", "--prompt", "x", "--model", tmp_path / "missing.pth", "--vae", vae_path,
                   "--text-encoder", tiny_t5_dir, "--out", tmp_path / "x.png")
     assert res.returncode == 2 and "missing.pth" in res.stderr
+
+
+def test_generate_with_subject_end_to_end(tmp_path, tiny_t5_dir):
+    from echogen_core.dinov2 import Dinov2, Dinov2Config
+    from echogen_core.echogen import EchoGen, EchoGenConfig
+    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
+    from helpers import randomize_
+
+    dino = randomize_(Dinov2(Dinov2Config.tiny()), seed=1)
+    flux = randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)
+    cfg = EchoGenConfig.tiny(text_channels=64, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
+    model = randomize_(EchoGen(cfg), seed=3)
+    torch.save({"trainer": {"gpt_fsdp": model.state_dict()}}, tmp_path / "echogen_tiny.pth")
+    torch.save({"vae": micro_vae().state_dict()}, tmp_path / "vae.pth")
+    torch.save(dino.state_dict(), tmp_path / "dinov2.pth")  # torch-hub layout
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, tmp_path / "ae.safetensors")
+    Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    res = run_cli("generate", "--subject-image", tmp_path / "ref.png", "--subject-words", "cube", "--prompt", "a cube",
+                  "--model", tmp_path / "echogen_tiny.pth", "--vae", tmp_path / "vae.pth", "--text-encoder", tiny_t5_dir,
+                  "--dinov2", tmp_path / "dinov2.pth", "--content-vae", tmp_path / "ae.safetensors",
+                  "--size", "0.06M", "--out", tmp_path / "out.png")
+    assert res.returncode == 0, res.stderr
+    assert "gamma_t=2.5 gamma_I=2.5 tau=2.0" in res.stderr and "no segmentation" in res.stderr
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (256, 256, 3)
