@@ -232,7 +232,7 @@ class FluxVAEEncoder(nn.Module):
             raise InputError(f"{what} must have shape (batch, {c}, height, width), got {tuple(x.shape)}.{hint}")
         f = self.cfg.downsample_factor
         h, w = x.shape[-2:]
-        if False:
+        if h % f or w % f:
             raise InputError(
                 f"{what} is {h}x{w} (HxW); the FLUX VAE needs height and width that are multiples of {f}. "
                 f"Resize or center-crop it, e.g. to {h - h % f or f}x{w - w % f or f} "
