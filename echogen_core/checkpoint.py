@@ -186,6 +186,8 @@ def classify(sd: dict) -> str:
         return "echogen_adapter"
     if "word_embed.weight" in sd and any(_BLOCK_RE.match(k) or _FLAT_BLOCK_RE.match(k) for k in sd):
         return "echogen" if any("control" in k for k in sd) else "infinity"
+    if any(".attn_1." in k or "mid_block.attentions" in k for k in sd):
+        return "flux_vae"  # the FLUX.1 VAE has mid-block attention; the BSQ VAE has none
     if any(k.startswith("encoder.conv_in.") for k in sd) and any(k.startswith("decoder.") for k in sd):
         return "bsq_vae"
     return "unknown"

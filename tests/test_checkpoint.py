@@ -249,3 +249,9 @@ def test_cli_inspect_and_convert(tmp_path, model):
     bad = subprocess.run([sys.executable, "-m", "echogen_core", "convert", str(tmp_path / "none.pth"), str(dst)],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_flux_vae_file_is_not_taken_for_a_bsq_vae():
+    sd = {"encoder.conv_in.weight": torch.zeros(1), "encoder.mid.attn_1.q.weight": torch.zeros(1),
+          "decoder.conv_in.weight": torch.zeros(1)}
+    assert ck.classify(sd) == "flux_vae"
