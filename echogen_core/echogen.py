@@ -125,16 +125,15 @@ class EchoGenSelfAttention(SelfAttention):
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         return self.control_proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
 
-    def forward(self, x, rope, attn_mask=None, cache=None, layer: int = 0, content_kv=None):
+    def forward(self, x, rope, attn_mask=None, cache=None, layer: int = 0, content: "ContentMemory" = None):
         B, L, C = x.shape
         q, k, v = self.qkv(x, rope)
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0).transpose(1, 2).reshape(B, L, C)
-        if content_kv is not None:  # second softmax over the reference's content tokens
-            kc, vc = content_kv
-            read = F.scaled_dot_product_attention(q, kc, vc, scale=1.0).transpose(1, 2).reshape(B, L, C)
+        if content is not None:  # second softmax over the reference's content tokens
+            read = content.read(layer, q).transpose(1, 2).reshape(B, L, C)
             out = out + self.control_attn(read)
         return self.proj(out)
 
@@ -174,7 +173,7 @@ class EchoGenBlock(Block):
         return torch.cat([k, ks], dim=2), torch.cat([v, vs], dim=2), mask
 
     def self_attention(self, h, ctx: "EchoGenContext", rope, attn_mask, cache, layer):
-        return self.sa(h, rope, attn_mask, cache, layer, content_kv=ctx.content_kv[layer])
+        return self.sa(h, rope, attn_mask, cache, layer, content=ctx.content)
 
     def content_stream(self, y, ctx: "EchoGenContext", layer: int):
         """One block of the content stream. y (B, Lc, C) fp32 -> (new y, (k, v) for the image read)."""
@@ -195,12 +194,77 @@ class EchoGenBlock(Block):
 # The model
 
 
+def distinct_rows(*tensors: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Rows that are equal in every tensor share a representative.
+    Returns (representative row of each distinct group, group of every row)."""
+    reps, group = [], []
+    for i in range(tensors[0].shape[0]):
+        for g, r in enumerate(reps):
+            if all(torch.equal(t[i], t[r]) for t in tensors):
+                group.append(g)
+                break
+        else:
+            group.append(len(reps))
+            reps.append(i)
+    return reps, group
+
+
+@dataclass
+class ContentMemory:
+    """The content stream's per-block keys/values, kept once per distinct (subject, prompt) row.
+
+    A batch of B images of one subject and prompt under three-row guidance has 3B rows but only three
+    distinct content streams; storing 3 instead of 3B keeps the 2B model's content K/V at ~1 GB per row
+    instead of ~1 GB per image and row."""
+
+    kv: list                          # per block (k, v), each (U, H, Lc, hd)
+    group: Optional[list] = None      # group of every row; None when all rows are distinct and in order
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.group) if self.group is not None else self.kv[0][0].shape[0]
+
+    def rows(self, layer: int):
+        """(k, v) expanded to one per row (materialised: for inspection and tests)."""
+        k, v = self.kv[layer]
+        if self.group is None:
+            return k, v
+        idx = torch.tensor(self.group, device=k.device)
+        return k[idx], v[idx]
+
+    def read(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Image queries q (R, H, L, hd) attend to their row's content tokens -> (R, H, L, hd).
+        Rows sharing a content stream are stacked along the sequence axis of one attention call
+        (the read has no mask and no causality, so this is exact) instead of copying K/V per row."""
+        k, v = self.kv[layer]
+        if self.group is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        R, H, L, hd = q.shape
+        U = k.shape[0]
+        out = torch.empty_like(q)
+        sizes = [self.group.count(g) for g in range(U)]
+        if len(set(sizes)) == 1:  # the usual case: equal groups, one call
+            order = sorted(range(R), key=lambda r: self.group[r])
+            n = sizes[0]
+            idx = torch.tensor(order, device=q.device)
+            grouped = q[idx].view(U, n, H, L, hd).transpose(1, 2).reshape(U, H, n * L, hd)
+            read = F.scaled_dot_product_attention(grouped, k, v, scale=1.0)
+            out[idx] = read.view(U, H, n, L, hd).transpose(1, 2).reshape(R, H, L, hd)
+            return out
+        for g in range(U):
+            rows = torch.tensor([r for r in range(R) if self.group[r] == g], device=q.device)
+            out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1).reshape(1, H, -1, hd),
+                                                       k[g:g + 1], v[g:g + 1], scale=1.0
+                                                       ).view(H, len(rows), L, hd).transpose(0, 1)
+        return out
+
+
 @dataclass
 class EchoGenContext(TextContext):
     global_token: Optional[torch.Tensor] = None     # (B, C) projected DINO CLS
     semantic_tokens: Optional[torch.Tensor] = None  # (B, Ls - 1, C) patch tokens after the semantic MLP
     content_ada: Optional[torch.Tensor] = None      # (B, 1, 6, C) content-stream AdaLN
-    content_kv: Optional[list] = None                # per block (k, v) of the content stream
+    content: Optional[ContentMemory] = None         # the content stream's K/V, once per distinct row
 
 
 class EchoGen(Infinity):
@@ -253,10 +317,20 @@ class EchoGen(Infinity):
         ctx = EchoGenContext(cond=base.cond, ada=ada, tokens=base.tokens, key_mask=base.key_mask,
                              global_token=g, semantic_tokens=self.control_proj_for_ca(semantic[:, 1:]),
                              content_ada=content_ada)
-        ctx.content_kv = self.run_content_stream(self.control_proj_for_ca_refer(content).float(), ctx)
+        # The stream depends only on (content, global token, prompt): run it once per distinct row.
+        reps, group = distinct_rows(content, semantic[:, 0], base.tokens, base.key_mask)
+        if len(reps) == len(group):
+            ctx.content = ContentMemory(self.run_content_stream(content, ctx))
+        else:
+            idx = torch.tensor(reps, device=dev)
+            sub = EchoGenContext(cond=base.cond[idx], ada=ada[idx], tokens=base.tokens[idx],
+                                 key_mask=base.key_mask[idx], content_ada=content_ada[idx])
+            ctx.content = ContentMemory(self.run_content_stream(content[idx], sub), group)
         return ctx
 
-    def run_content_stream(self, y: torch.Tensor, ctx: EchoGenContext) -> list:
+    def run_content_stream(self, content: torch.Tensor, ctx: EchoGenContext) -> list:
+        """content (B, Lc, Dc) reference latent tokens -> per block (k, v) for the image tokens' read."""
+        y = self.control_proj_for_ca_refer(content).float()
         kvs = []
         for i, block in enumerate(self.blocks):
             y, kv = block.content_stream(y, ctx, i)

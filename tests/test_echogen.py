@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 import echogen_core.sampler as sampler_mod
 from echogen_core import checkpoint as ck
-from echogen_core.echogen import EchoGen, EchoGenConfig, SubjectFeatures
+from echogen_core.echogen import EchoGen, EchoGenBlock, EchoGenConfig, SubjectFeatures
 from echogen_core.errors import CheckpointError, InputError
 from echogen_core.infinity import Infinity
 from echogen_core.sampler import SamplerSettings, generate, next_scale_inputs
@@ -146,12 +146,47 @@ def test_content_stream_never_reads_image_tokens():
     model = tiny_echogen(seed=8)
     text, subject = random_text([5], channels=128), random_subject(model.cfg)
     with torch.no_grad():
-        kv_before = [t.clone() for kv in model.encode_conditions(text, subject).content_kv for t in kv]
+        kv_before = [t.clone() for kv in model.encode_conditions(text, subject).content.kv for t in kv]
         ctx = model.encode_conditions(text, subject)
         model(ctx, probe_inputs(seed=1), SCHEDULE)
         model(ctx, probe_inputs(seed=2), SCHEDULE)
-    for a, b in zip(kv_before, [t for kv in ctx.content_kv for t in kv]):
+    for a, b in zip(kv_before, [t for kv in ctx.content.kv for t in kv]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [[0, 0, 1, 1, 2, 2], [0, 1, 0, 2, 1, 2], [0, 0, 1]])
+def test_content_stream_runs_once_per_distinct_row(rows, monkeypatch):
+    """Identical (subject, prompt) rows share one content stream; the read equals per-row K/V."""
+    from echogen_core.echogen import ContentMemory
+
+    model = tiny_echogen(seed=10)
+    texts = random_text([5, 7, 3], channels=128, seed=11)
+    subjects = random_subject(model.cfg, batch=3, seed=12)
+    text, subject = texts.select(rows), subjects.select(rows)
+    inputs = probe_inputs(seed=3, batch=len(rows))
+    calls = []
+    original = EchoGenBlock.content_stream
+
+    def counting(self, y, ctx, layer):
+        calls.append(y.shape[0])
+        return original(self, y, ctx, layer)
+
+    monkeypatch.setattr(EchoGenBlock, "content_stream", counting)
+    with torch.no_grad():
+        ctx = model.encode_conditions(text, subject)
+    monkeypatch.undo()
+    assert set(calls) == {len(set(rows))}
+    assert ctx.content.num_rows == len(rows)
+    with torch.no_grad():
+        shared = model(ctx, inputs, SCHEDULE)
+        per_row = [ctx.content.rows(i) for i in range(len(model.blocks))]
+        ctx.content = ContentMemory(per_row)
+        ctx.block_kv = []
+        separate = model(ctx, inputs, SCHEDULE)
+    torch.testing.assert_close(shared, separate, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and each row equals that row computed on its own
+        alone = model(texts.select([rows[1]]), inputs[1:2], SCHEDULE, subject=subjects.select([rows[1]]))
+    torch.testing.assert_close(shared[1:2], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_three_row_guidance_formula(monkeypatch):
