@@ -23,9 +23,17 @@ def reference_geometry(cfg: EchoGenConfig) -> tuple[int, int]:
     return latent * 8, patches * 14
 
 
-def center_crop_reference(image, size: int) -> torch.Tensor:
-    """PIL image -> (1, 3, size, size) in [0, 1]: shorter side resized to `size` with Lanczos, then a
-    centre crop, as EchoGen's training and inference data pipeline does."""
+def center_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of the reference crop: the shorter side goes to `size`,
+    then a centred size x size window. Shared by the image, its mask and the segmentation crop."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def center_crop_image(image, size: int, resample=None):
+    """PIL image -> PIL size x size: shorter side resized with Lanczos (or `resample`), then a centre crop,
+    as EchoGen's training and inference data pipeline does. Keeps the mode, so masks ('L', 'F') crop alike."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
@@ -33,14 +41,24 @@ def center_crop_reference(image, size: int) -> torch.Tensor:
     if min(image.size) < MIN_REFERENCE_SIDE:
         raise InputError(f"The reference is {image.size[0]}x{image.size[1]} pixels; at least "
                          f"{MIN_REFERENCE_SIDE} px on the shorter side is needed.")
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.LANCZOS)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+    nw, nh, left, top = center_crop_geometry(*image.size, size)
+    image = image.resize((nw, nh), Image.LANCZOS if resample is None else resample)
+    return image.crop((left, top, left + size, top + size))
+
+
+def center_crop_reference(image, size: int) -> torch.Tensor:
+    """PIL image -> (1, 3, size, size) in [0, 1] through center_crop_image (the encoders' shared input)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise InputError(f"Expected a PIL image, got {type(image).__name__}.")
+    return pil_to_reference(center_crop_image(image.convert("RGB"), size))
+
+
+def pil_to_reference(image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float in [0, 1], the range both encoders take (each applies its own
+    normalisation: ImageNet mean/std in dinov2.encode, [-1, 1] in flux_vae.encode)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
 
 
 @torch.no_grad()
