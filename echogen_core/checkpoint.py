@@ -521,6 +521,29 @@ def load_echogen(path, backbone=None, adapter=None, device="cpu", dtype: Optiona
     return finalize(model, device, dtype)
 
 
+def load_transformer(path, backbone=None, adapter=None, device="cpu", dtype: Optional[torch.dtype] = None):
+    """Infinity or EchoGen, whichever the files hold: one entry point for loaders that take any of them."""
+    if backbone is not None or adapter is not None:
+        return load_echogen(path, backbone=backbone, adapter=adapter, device=device, dtype=dtype)
+    sd, notes, what = echogen_state_dict(path) if _is_echogen_file(path) else (None, None, None)
+    if sd is None:
+        return load_infinity(path, device=device, dtype=dtype)
+    from .echogen import EchoGen
+
+    model = build_from_state_dict(EchoGen, infer_echogen_config(sd), sd, what, "EchoGen model", notes)
+    model.load_notes = notes
+    return finalize(model, device, dtype)
+
+
+def _is_echogen_file(path) -> bool:
+    sd, _ = _raw_state_dict(path)  # memory-mapped: reading names twice costs no tensor data
+    family = classify(sd)
+    if family == "echogen_adapter":
+        raise CheckpointError(f"{path} holds only an EchoGen adapter; choose the Infinity checkpoint as the model "
+                              "and this file as the adapter.")
+    return family == "echogen"
+
+
 def save_adapter(model, path) -> dict:
     """Write only the trained injection weights (a few percent of a full checkpoint per block type,
     loadable over any Infinity checkpoint of the same size)."""

@@ -9,6 +9,7 @@ batch of one with seed s reproduces the official image for g_seed=s (same device
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -183,9 +184,26 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
             x = model.embed_bits(nxt).repeat(R // B, 1, 1)
         if on_scale is not None:
             on_scale(s, n_scales, summed)
-    # One image at a time: bounded VAE memory at 1024 px, and no batch-size-dependent conv arithmetic.
-    images = torch.cat([vae.decode(summed[i:i + 1]) for i in range(B)]) if decode else None
+    images = decode_codes(vae, summed) if decode else None
     return GenerationResult(images=images, bits=all_bits, summed_codes=summed)
+
+
+@torch.no_grad()
+def decode_codes(vae, summed: torch.Tensor) -> torch.Tensor:
+    """Summed codes (B, d, h, w) -> images (B, 3, H, W) in [-1, 1]. One image at a time: bounded VAE memory
+    at 1024 px, and no batch-size-dependent conv arithmetic."""
+    summed = summed.to(next(vae.parameters()).device)
+    return torch.cat([vae.decode(summed[i:i + 1]) for i in range(summed.shape[0])])
+
+
+@torch.no_grad()
+def preview(vae, summed: torch.Tensor, max_grid: int = 16) -> torch.Tensor:
+    """A cheap look at image 0 while sampling: the summed codes shrunk to at most `max_grid` tokens a side,
+    then decoded (1/16 of a full decode's work at 1024 px). Returns uint8 (h, w, 3)."""
+    h, w = summed.shape[-2:]
+    f = max(1, math.ceil(max(h, w) / max_grid))
+    codes = summed[:1] if f == 1 else resize_codes(summed[:1], (math.ceil(h / f), math.ceil(w / f)))
+    return to_uint8(decode_codes(vae, codes))[0]
 
 
 def combine_guidance(logits: torch.Tensor, n_rows: int, cfg: float, subject_cfg: float) -> torch.Tensor:
