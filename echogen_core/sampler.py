@@ -37,13 +37,14 @@ class SamplerSettings:
 
 
 def expand_per_scale(value: PerScale, n: int, name: str) -> list[float]:
+    """One value per scale. A list shorter than the schedule repeats its last value and a longer one is cut,
+    so one list serves every size (7 scales at 256 px, 13 at 1024 px)."""
     if isinstance(value, (int, float)):
         return [float(value)] * n
     values = [float(v) for v in value]
-    if len(values) < n:
-        raise InputError(f"{name} has {len(values)} per-scale values but the schedule has {n} scales; "
-                         f"give one value, or at least {n}.")
-    return values[:n]
+    if not values:
+        raise InputError(f"{name}: the per-scale list is empty; give one value or one per scale.")
+    return (values + values[-1:] * n)[:n]
 
 
 @dataclass

@@ -79,10 +79,10 @@ def list_files(kind: str) -> list[str]:
             return []
     names = set()
     for d in folder_dirs(kind):
-        if d.is_dir():
-            for p in d.rglob("*"):
-                if p.is_file() and p.suffix.lower() in WEIGHT_EXTENSIONS:
-                    names.add(p.relative_to(d).as_posix())
+        for here, _, files in os.walk(d, followlinks=True):
+            for f in files:
+                if Path(f).suffix.lower() in WEIGHT_EXTENSIONS:
+                    names.add((Path(here) / f).relative_to(d).as_posix())
     return sorted(names)
 
 
@@ -92,9 +92,11 @@ def list_folders(kind: str, marker: str = "config.json", depth: int = 2) -> list
     for d in folder_dirs(kind):
         if not d.is_dir():
             continue
-        for p in d.rglob(marker):
-            rel = p.parent.relative_to(d)
-            if 0 < len(rel.parts) <= depth:
+        for here, subdirs, files in os.walk(d, followlinks=True):  # model folders are often symlinked
+            rel = Path(here).relative_to(d)
+            if len(rel.parts) >= depth:
+                subdirs.clear()
+            if marker in files and 0 < len(rel.parts) <= depth:
                 names.add(rel.as_posix())
     return sorted(names)
 

@@ -1,0 +1,209 @@
+"""The node classes called directly (no ComfyUI): real loaders on tiny official-layout files, and the errors
+a user meets at node level."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from echogen_core.errors import CheckpointError, InputError
+from helpers import micro_vae, randomize_, tiny_infinity
+
+T5 = 64  # tiny_t5_dir width
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_t5_dir):
+    from echogen_core.dinov2 import Dinov2, Dinov2Config
+    from echogen_core.echogen import EchoGen, EchoGenConfig
+    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "echogen").mkdir()
+    (root / "vae").mkdir()
+    (root / "text_encoders").mkdir()
+    (root / "text_encoders" / "flan-t5-tiny").symlink_to(tiny_t5_dir)
+    torch.save(tiny_infinity(seed=4, text_channels=T5).state_dict(), root / "echogen" / "infinity_tiny.pth")
+    cfg = EchoGenConfig.tiny(text_channels=T5, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
+    torch.save({"trainer": {"gpt_fsdp": randomize_(EchoGen(cfg), seed=3).state_dict()}},
+               root / "echogen" / "echogen_tiny.pth")
+    other = EchoGenConfig.tiny(text_channels=T5, semantic_dim=128, semantic_len=5, content_dim=16, content_len=4)
+    torch.save(randomize_(EchoGen(other), seed=5).state_dict(), root / "echogen" / "echogen_other_size.pth")
+    torch.save({"vae": micro_vae().state_dict()}, root / "echogen" / "vae_tiny.pth")
+    torch.save({"vae": micro_vae(codebook_dim=6).state_dict()}, root / "echogen" / "vae_6bit.pth")
+    torch.save(randomize_(Dinov2(Dinov2Config.tiny()), seed=1).state_dict(), root / "echogen" / "dinov2_tiny.pth")
+    flux = randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)
+    save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, root / "vae" / "ae_tiny.safetensors")
+    return root
+
+
+@pytest.fixture
+def nodes(models_dir, monkeypatch):
+    monkeypatch.setenv("ECHOGEN_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("ECHOGEN_DEVICE", "cpu")
+    import nodes as pack
+
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def build(nodes, name, **kwargs):
+    cls = nodes[name]
+    out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def reference(size=(40, 52), seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).random((1, size[0], size[1], 3), dtype=np.float32))
+
+
+def test_dropdowns_list_the_model_folders(nodes):
+    names = nodes["EchoGenModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert {"infinity_tiny.pth", "echogen_tiny.pth", "vae_tiny.pth"} <= set(names)
+    assert nodes["EchoGenTextEncoderLoader"].INPUT_TYPES()["required"]["folder"][0] == ["flan-t5-tiny"]
+    assert nodes["EchoGenContentEncoderLoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["ae_tiny.safetensors"]
+
+
+def test_text_to_image_chain_is_deterministic_and_batch_independent(nodes):
+    (model,) = build(nodes, "EchoGenModelLoader", model_name="infinity_tiny.pth", precision="fp32")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="a red cube")
+    assert not model.is_echogen
+    latent, w, h = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=330, height=250, seed=7,
+                         batch_size=2)
+    assert (w, h) == (320, 240)  # snapped to the 0.75 template at 0.06M
+    (images,) = build(nodes, "EchoGenDecode", vae=vae, latent=latent)
+    assert images.shape == (2, 240, 320, 3) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1
+    single, _, _ = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=330, height=250, seed=7,
+                         batch_size=1)
+    torch.testing.assert_close(single.codes[0], latent.codes[0])
+    other, _, _ = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=330, height=250, seed=8,
+                        batch_size=1)
+    assert not torch.equal(other.codes[0], latent.codes[0])
+
+
+def load_subject_models(nodes, model_name="echogen_tiny.pth"):
+    (model,) = build(nodes, "EchoGenModelLoader", model_name=model_name)
+    (dino,) = build(nodes, "EchoGenSemanticEncoderLoader", dinov2_name="dinov2_tiny.pth")
+    (content,) = build(nodes, "EchoGenContentEncoderLoader", vae_name="ae_tiny.safetensors")
+    return model, dino, content
+
+
+def test_subject_chain_matches_the_core_pipeline(nodes):
+    from echogen_core.sampler import SamplerSettings, generate
+    from echogen_core.schedules import nearest_schedule
+
+    model, dino, content = load_subject_models(nodes)
+    ref = reference()
+    (partial,) = build(nodes, "EchoGenSemanticEncode", model=model, semantic_encoder=dino, image=ref)
+    (subject,) = build(nodes, "EchoGenContentEncode", subject=partial, image=ref, content_encoder=content)
+    assert subject.semantic.shape == (1, 17, 128) and subject.content.shape == (1, 16, 16)
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="a cube on the beach")
+    (guidance,) = build(nodes, "EchoGenGuidance", text_cfg=2.0, subject_cfg=3.0, temperature=1.5, top_k=0, top_p=0.9,
+                        subject_cfg_per_scale="1,2,3")
+    latent, w, h = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=3,
+                         batch_size=1, subject=subject, guidance=guidance)
+    settings = SamplerSettings(cfg=2.0, subject_cfg=[1.0, 2.0, 3.0], tau=1.5, top_k=0, top_p=0.9)
+    from echogen_core.echogen import SubjectFeatures
+
+    direct = generate(model.managed.obj, vae.obj, text.positive, nearest_schedule(256, 256), settings, seed=3,
+                      subject=SubjectFeatures(subject.semantic, subject.content), decode=False)
+    torch.testing.assert_close(latent.codes, direct.summed_codes)
+
+
+def test_comfyui_vae_object_gives_the_same_content_tokens(nodes):
+    """The content encode node takes ComfyUI's VAE (IMAGE in, raw latent mean out) as well as our loader."""
+    model, dino, content = load_subject_models(nodes)
+    ref = reference()
+    (partial,) = build(nodes, "EchoGenSemanticEncode", model=model, semantic_encoder=dino, image=ref)
+
+    class ComfyLikeVAE:  # comfy.sd.VAE.encode: (B, H, W, 3) in [0, 1] -> (B, 16, H/8, W/8) posterior mean
+        def encode(self, pixels):
+            return content.obj.encode(pixels.permute(0, 3, 1, 2))
+
+    (ours,) = build(nodes, "EchoGenContentEncode", subject=partial, image=ref, content_encoder=content)
+    (theirs,) = build(nodes, "EchoGenContentEncode", subject=partial, image=ref, vae=ComfyLikeVAE())
+    torch.testing.assert_close(ours.content, theirs.content)
+    with pytest.raises(InputError, match="exactly one"):
+        build(nodes, "EchoGenContentEncode", subject=partial, image=ref)
+
+
+def test_missing_model_file_names_the_folder(nodes, models_dir):
+    with pytest.raises(InputError) as e:
+        build(nodes, "EchoGenModelLoader", model_name="echogen_2b.pth")
+    assert "echogen_2b.pth" in str(e.value) and str(models_dir / "echogen") in str(e.value)
+
+
+def test_wrong_file_in_a_dropdown(nodes):
+    with pytest.raises(CheckpointError, match="VAE"):
+        build(nodes, "EchoGenModelLoader", model_name="vae_tiny.pth")
+    with pytest.raises(CheckpointError, match="not a BSQ VAE"):
+        build(nodes, "EchoGenVAELoader", vae_name="infinity_tiny.pth")
+
+
+def test_mismatched_model_and_vae(nodes):
+    (model,) = build(nodes, "EchoGenModelLoader", model_name="infinity_tiny.pth")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_6bit.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="x")
+    with pytest.raises(CheckpointError, match="not a pair"):
+        build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=0, batch_size=1)
+
+
+def test_subject_encoded_for_another_model_size(nodes):
+    model, dino, content = load_subject_models(nodes)
+    ref = reference()
+    (partial,) = build(nodes, "EchoGenSemanticEncode", model=model, semantic_encoder=dino, image=ref)
+    (subject,) = build(nodes, "EchoGenContentEncode", subject=partial, image=ref, content_encoder=content)
+    (other,) = build(nodes, "EchoGenModelLoader", model_name="echogen_other_size.pth")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="x")
+    with pytest.raises(InputError, match="re-encode"):
+        build(nodes, "EchoGenSampler", model=other, vae=vae, text=text, width=256, height=256, seed=0, batch_size=1,
+              subject=subject)
+    (plain,) = build(nodes, "EchoGenModelLoader", model_name="infinity_tiny.pth")
+    with pytest.raises(InputError, match="plain Infinity"):
+        build(nodes, "EchoGenSampler", model=plain, vae=vae, text=text, width=256, height=256, seed=0, batch_size=1,
+              subject=subject)
+    with pytest.raises(InputError, match="content"):
+        build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=0, batch_size=1,
+              subject=partial)
+
+
+@pytest.mark.parametrize("width,height", [(10, 256), (256, 100000)])
+def test_size_out_of_range(nodes, width, height):
+    (model,) = build(nodes, "EchoGenModelLoader", model_name="infinity_tiny.pth")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="x")
+    with pytest.raises(InputError, match="out of range"):
+        build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=width, height=height, seed=0,
+              batch_size=1)
+
+
+def test_empty_prompt_and_bad_schedules(nodes):
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    with pytest.raises(InputError, match="prompt is empty"):
+        build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="  \n ")
+    with pytest.raises(InputError, match="numbers separated by commas"):
+        build(nodes, "EchoGenGuidance", text_cfg=3, subject_cfg=2, temperature=1, top_k=0, top_p=0.9,
+              text_cfg_per_scale="3, high")
+    with pytest.raises(InputError, match="positive"):
+        build(nodes, "EchoGenGuidance", text_cfg=3, subject_cfg=2, temperature=1, top_k=0, top_p=0.9,
+              temperature_per_scale="1,0")
+
+
+def test_text_encoder_width_must_match_the_model(nodes, tmp_path):
+    (model,) = build(nodes, "EchoGenModelLoader", model_name="echogen_tiny.pth")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    from echogen_core.text_encoder import TextConditioning
+
+    from nodes.handles import TextHandle
+
+    wide = TextHandle(positive=TextConditioning(torch.zeros(1, 3, 32), torch.tensor([3])), negative=None,
+                      prompts=("x",), channels=32)
+    with pytest.raises(InputError, match="text encoder"):
+        build(nodes, "EchoGenSampler", model=model, vae=vae, text=wide, width=256, height=256, seed=0, batch_size=1)
