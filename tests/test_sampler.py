@@ -104,13 +104,21 @@ def test_sample_bits_filters():
 def test_bad_settings_and_pairs(pair):
     model, _ = pair
     text = random_text([4], channels=128)
-    with pytest.raises(InputError, match="7 scales"):
-        run(pair, text, 0, settings=SamplerSettings(cfg=[3.0, 3.0]))
+    with pytest.raises(InputError, match="empty"):
+        run(pair, text, 0, settings=SamplerSettings(cfg=[]))
     with pytest.raises(InputError, match="positive"):
         run(pair, text, 0, settings=SamplerSettings(tau=0.0))
     wrong_vae = BSQVAE(BSQVAEConfig.tiny(codebook_dim=6))
     with pytest.raises(CheckpointError, match="not a pair"):
         generate(model, wrong_vae, text, SCHEDULE)
+
+
+def test_short_per_scale_lists_repeat_their_last_value():
+    from echogen_core.sampler import expand_per_scale
+
+    assert expand_per_scale([3, 2], 4, "cfg") == [3.0, 2.0, 2.0, 2.0]
+    assert expand_per_scale([1, 2, 3, 4, 5], 3, "cfg") == [1.0, 2.0, 3.0]
+    assert expand_per_scale(2.5, 2, "cfg") == [2.5, 2.5]
 
 
 def test_to_uint8_rounds():
