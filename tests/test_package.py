@@ -32,3 +32,29 @@ def test_pack_imports_without_comfyui():
 def test_requirements_never_pin_torch():
     lines = [l.strip().lower() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     assert not any(l.startswith(("torch", "torchvision", "torchaudio")) for l in lines)
+
+
+def test_pyproject_passes_the_registry_rules():
+    import re
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,99}", project["name"]) and "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert all(comfy.get(k, "x") for k in ("Icon", "requires-comfyui"))  # present ones are non-empty
+    requirements = {l.split(">")[0].split("=")[0].strip().lower() for l in (ROOT / "requirements.txt").read_text().splitlines()
+                    if l.strip() and not l.startswith("#")}
+    declared = {re.split(r"[<>=~!\[]", d)[0].strip().lower() for d in project["dependencies"]}
+    assert declared == requirements  # the registry installs from pyproject, the Manager from requirements.txt
+    assert not declared & {"torch", "torchvision", "torchaudio"}
+
+
+def test_no_eval_or_exec_in_shipped_code():
+    """The registry's scanner rejects eval/exec (ruff S102/S307)."""
+    for path in list((ROOT / "echogen_core").rglob("*.py")) + list((ROOT / "nodes").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        assert not {"eval", "exec"} & set(calls), path
