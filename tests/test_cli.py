@@ -66,10 +66,17 @@ def test_generate_with_subject_end_to_end(tmp_path, tiny_t5_dir):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, tmp_path / "ae.safetensors")
     Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:40, 30:70] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
     res = run_cli("generate", "--subject-image", tmp_path / "ref.png", "--subject-words", "cube", "--prompt", "a cube",
                   "--model", tmp_path / "echogen_tiny.pth", "--vae", tmp_path / "vae.pth", "--text-encoder", tiny_t5_dir,
                   "--dinov2", tmp_path / "dinov2.pth", "--content-vae", tmp_path / "ae.safetensors",
+                  "--mask", tmp_path / "mask.png", "--crop", "subject", "--reference-out", tmp_path / "reference.png",
                   "--size", "0.06M", "--out", tmp_path / "out.png")
     assert res.returncode == 0, res.stderr
-    assert "gamma_t=2.5 gamma_I=2.5 tau=2.0" in res.stderr and "no segmentation" in res.stderr
+    assert "gamma_t=2.5 gamma_I=2.5 tau=2.0" in res.stderr and "segmentation: mask: user mask" in res.stderr
     assert np.asarray(Image.open(tmp_path / "out.png")).shape == (256, 256, 3)
+    # The tiny model's geometry (4x4 content tokens) asks for a 32 px reference; outside the mask it is white.
+    reference = np.asarray(Image.open(tmp_path / "reference.png"))
+    assert reference.shape == (32, 32, 3) and (reference[:2] == 255).all()
