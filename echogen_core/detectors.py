@@ -379,9 +379,8 @@ class SamRefiner:
         inside = box_pixel_mask(box, width, height)
         x0, y0, x1, y1 = _check_box(box, width, height)
         batch = self.processor(images=image, input_boxes=[[[x0, y0, x1, y1]]], return_tensors="pt")
-        outputs = self.model(pixel_values=_to_model({"p": batch["pixel_values"]}, self.model)["p"],
-                             input_boxes=_to_model({"b": batch["input_boxes"]}, self.model)["b"],
-                             multimask_output=True)
+        inputs = _to_model({"pixel_values": batch["pixel_values"], "input_boxes": batch["input_boxes"]}, self.model)
+        outputs = self.model(**inputs, multimask_output=True)
         # pred_masks (1, 1, 3, h, w) low-res logits, iou_scores (1, 1, 3): keep the best before upsampling,
         # so only one mask is brought to full resolution.
         best = int(outputs.iou_scores[0, 0].float().argmax())
@@ -590,7 +589,11 @@ class SubjectNamer:
         if pad is None:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
             pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+        # Sampling knobs at their neutral values: transformers 5.x fills unset (None) ones from the folder's
+        # config and then warns that they are ignored by greedy decoding. The repetition penalty is kept.
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                temperature=1.0, top_p=1.0, top_k=50,
+                                repetition_penalty=getattr(base, "repetition_penalty", None) or 1.0,
                                 eos_token_id=eos, pad_token_id=pad)
 
     @torch.no_grad()

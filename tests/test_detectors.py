@@ -20,13 +20,11 @@ transformers = pytest.importorskip("transformers")
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Random colour blobs: a coarse random grid upsampled, so resizing changes pixels non-trivially; cheap
+    even at 3000x2000."""
     rng = np.random.default_rng(seed)
-    # Smooth structure plus noise, so that resizing changes the pixels in a non-trivial way.
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
-                     ((xx + yy) * 127 // max(width + height, 1))], -1)
-    noise = rng.integers(0, 60, size=(height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    coarse = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
 
 
 def _pil_class(name: str):
@@ -261,6 +259,31 @@ def test_detect_passes_the_formatted_caption(detector, monkeypatch):
     assert spy.calls[-1]["text"] == "dog."
 
 
+def test_detect_works_with_the_4x_post_processing_signature(detector, monkeypatch):
+    """transformers <= 4.50 names the box threshold `box_threshold` and returns string labels under 'labels'."""
+    real = detector.processor
+    image = _image(200, 120, seed=1)
+    want = detector.detect(image, "red backpack", box_threshold=0.3)
+    seen = {}
+
+    class Old:
+        tokenizer = real.tokenizer
+
+        def __call__(self, *args, **kwargs):
+            return real(*args, **kwargs)
+
+        def post_process_grounded_object_detection(self, outputs, input_ids, box_threshold=0.25, text_threshold=0.25,
+                                                   target_sizes=None):
+            seen["box_threshold"] = box_threshold
+            r = detectors._post_process_detection(real, outputs, input_ids, box_threshold, text_threshold,
+                                                  tuple(target_sizes[0]))
+            return [{"scores": r["scores"], "boxes": r["boxes"], "labels": list(r["text_labels"])}]
+
+    monkeypatch.setattr(detector, "processor", Old())
+    assert detector.detect(image, "red backpack", box_threshold=0.3) == want
+    assert seen["box_threshold"] == 0.3
+
+
 def test_format_caption():
     assert format_caption("Dog") == "dog."
     assert format_caption("dog.") == "dog."
@@ -289,9 +312,9 @@ def test_large_image_is_downscaled_but_boxes_are_in_original_pixels(detector, mo
         want = (min(b.box[0] * sx, 3000), min(b.box[1] * sy, 2000), min(b.box[2] * sx, 3000), min(b.box[3] * sy, 2000))
         assert a.box == pytest.approx(want, rel=1e-4, abs=1e-2)
     assert max(d.box[2] for d in on_big) > 1333                  # original coordinates, not the detector's
-    # max_side larger than the image: nothing is resized.
-    detector.detect(big, "dog", max_side=4000)
-    assert spy.calls[-1]["images"].size == (3000, 2000)
+    # max_side at least the longer side: nothing is resized.
+    detector.detect(_image(300, 200), "dog", max_side=300)
+    assert spy.calls[-1]["images"].size == (300, 200)
 
 
 def test_boxes_are_clipped_to_the_image(detector, monkeypatch):
@@ -494,7 +517,8 @@ def test_name_raises_when_the_answer_is_empty(fresh_namer):
         fresh_namer.name(image)
 
 
-def test_generation_is_greedy_whatever_the_folder_says(namer):
+def test_generation_is_greedy_whatever_the_folder_says(namer, monkeypatch):
+    monkeypatch.setattr(namer, "max_new_tokens", 5)
     gc = namer._generation_config()
     assert gc.do_sample is False and gc.max_new_tokens == namer.max_new_tokens
     end = namer.tokenizer.convert_tokens_to_ids("<|im_end|>")
