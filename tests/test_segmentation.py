@@ -14,8 +14,7 @@ from PIL import Image, ImageFilter, ImageOps
 from echogen_core import salient as salient_mod
 from echogen_core.errors import InputError, MissingDependencyError
 from echogen_core.segmentation import (DETECT_MAX_SIDE, MIN_SIDE, box_to_mask, composite_on_white, load_image,
-                                       load_mask, mask_bbox, official_crop, prepare_subject, subject_crop,
-                                       subject_square)
+                                       load_mask, mask_bbox, prepare_subject, subject_square)
 from echogen_core.subject import MIN_REFERENCE_SIDE, center_crop_image, center_crop_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,12 +348,13 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_huge_images_detect_small_but_crop_at_full_quality():
     big = photo("duck_toy/00.jpg").resize((3000, 2000), Image.BICUBIC)
-    det = FakeDetector([Det((344 * 1333 / 3000, 284 * 888 / 2000, 994 * 1333 / 3000, 938 * 888 / 2000), 0.9)])
+    view_box = (200.0, 120.0, 450.0, 420.0)                   # what the detector reports, in the 1333x889 copy
+    det = FakeDetector([Det(view_box, 0.9)])
     res = prepare_subject(big, words="duck", detector=det, crop="official", size=512, salient=False)
     assert det.calls[0]["size"] == (DETECT_MAX_SIDE, 889) and det.calls[0]["max_side"] == DETECT_MAX_SIDE
     assert "1333x889 copy" in res.message
-    assert res.box == pytest.approx((344 * 1333 / 3000 * 3000 / 1333, 284 * 888 / 2000 * 2000 / 889,
-                                     994, 938 * 888 / 2000 * 2000 / 889), abs=0.01)
+    sx, sy = 3000 / 1333, 2000 / 889                          # mapped back to the original's pixels
+    assert res.box == pytest.approx((200 * sx, 120 * sy, 450 * sx, 420 * sy))
     full = composite_on_white(big, box_to_mask(big.size, res.box))
     want = center_crop_reference(full, 512)[0].permute(1, 2, 0).numpy()
     assert np.array_equal(arr(res.image), np.rint(want * 255).astype(np.uint8))   # from the 3000 px original
