@@ -44,10 +44,11 @@ __all__ = [
     "QWEN_VL_HINT",
 ]
 
-GROUNDING_DINO_HINT = ("Download a Hugging Face GroundingDINO repository (IDEA-Research/grounding-dino-tiny, the "
-                       "Swin-T model EchoGen's pipeline uses, or IDEA-Research/grounding-dino-base) into one folder: "
-                       "config.json, model.safetensors, preprocessor_config.json, tokenizer.json / vocab.txt and "
-                       "tokenizer_config.json.")
+GROUNDING_DINO_HINT = ("Download a Hugging Face GroundingDINO repository into one folder: "
+                       "IDEA-Research/grounding-dino-tiny (transformers' conversion of groundingdino_swint_ogc.pth, "
+                       "the checkpoint EchoGen's pipeline uses; that .pth file itself is not read) or "
+                       "IDEA-Research/grounding-dino-base, with config.json, model.safetensors, "
+                       "preprocessor_config.json, tokenizer.json / vocab.txt and tokenizer_config.json.")
 SAM_HINT = ("Download a Hugging Face SAM repository (facebook/sam-vit-base, -large or -huge) into one folder: "
             "config.json, model.safetensors (or pytorch_model.bin) and preprocessor_config.json.")
 QWEN_VL_HINT = ("Download a Hugging Face Qwen2.5-VL Instruct repository (e.g. Qwen/Qwen2.5-VL-3B-Instruct) into one "
@@ -81,7 +82,7 @@ def _transformers_class(name: str, feature: str, minimum: str):
     transformers = _import_transformers(feature)
     try:
         return getattr(transformers, name)
-    except (AttributeError, ImportError) as e:
+    except (AttributeError, ImportError, RuntimeError) as e:   # lazy modules wrap import failures
         raise MissingDependencyError(
             f"{feature} needs transformers.{name}, which this transformers {transformers.__version__} does not "
             f"provide ({type(e).__name__}: {e}); upgrade with `pip install -U \"transformers>={minimum}\"`.") from e
@@ -318,6 +319,8 @@ class GroundingDetector:
         small = downscale_to_max_side(image, max_side)
         batch = self.processor(images=small, text=caption, return_tensors="pt")
         outputs = self.model(**_to_model(dict(batch), self.model))
+        # Post-process in fp32: bf16 boxes times a 1333-px size would be off by up to 4 px.
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         # pred_boxes are relative to the image, so scaling them by the ORIGINAL size undoes the downscale.
         result = _post_process_detection(self.processor, outputs, batch["input_ids"].to(outputs.logits.device),
                                          float(box_threshold), float(text_threshold), (height, width))
