@@ -237,7 +237,11 @@ def test_detect_equals_transformers_postprocessing_sorted(detector):
     want[:, 1::2] = want[:, 1::2].clamp(max=120)
     assert [d.score for d in found] == pytest.approx([raw[i] for i in order], abs=1e-6)
     assert np.allclose([d.box for d in found], want.numpy(), atol=1e-3)
-    assert all(isinstance(d, Detection) and isinstance(d.label, str) and "[SEP]" not in d.label for d in found)
+    assert all(isinstance(d, Detection) and isinstance(d.label, str) for d in found)
+    # Labels are the caption words the box matched, without [SEP] or the caption's '.'.
+    assert all(set(d.label.split()) <= {"red", "backpack"} for d in found) and any(d.label for d in found)
+    with pytest.raises(Exception):
+        found[0].score = 1.0                                    # frozen
     assert all(0 <= d.box[0] < d.box[2] <= 200 and 0 <= d.box[1] < d.box[3] <= 120 for d in found)
 
 
