@@ -40,20 +40,19 @@ import argparse
 import glob
 import io
 import json
-import math
 import os
 import random
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import EchoGenError, InputError, MissingDependencyError
+from .errors import InputError, MissingDependencyError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
