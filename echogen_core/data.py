@@ -818,14 +818,15 @@ def _atomic_write(path: Path, write: Callable[[str], None]):
 
 def prepare_dataset(source: SampleSource, out_dir, segment: bool = True, method: str = "auto",
                     size: int = 512, words: Optional[str] = None, limit: Optional[int] = None,
-                    prepare_fn: Optional[Callable] = None, log: Callable[[str], None] = print) -> dict:
+                    prepare_fn: Optional[Callable] = None, log: Callable[[str], None] = print,
+                    crop: str = "official", **prepare_kwargs) -> dict:
     """Write `source` as a triplet folder in `out_dir` (NAME.ref.png, NAME.target.jpg, NAME.txt, NAME.json)
     plus `splits/<h_div_w>_<count>.jsonl` files in the official layout (paths relative to the JSONL).
 
     With `segment`, each reference goes through `prepare_fn` (default: echogen_core.segmentation
     .prepare_subject, imported only now) with the sample's subject words (or `words`), `method`,
-    crop="official" and `size`; the written reference is its `.image` and the JSON records `.method`,
-    `.label` and `.message`. The caption written is the sample's full stored caption (dynamic captions are
+    `crop` ("official") and `size`, plus `prepare_kwargs` (detector=, refiner=, namer=, salient=, margin=...);
+    the written reference is its `.image` and the JSON records `.method`, `.label` and `.message`. The caption written is the sample's full stored caption (dynamic captions are
     drawn again at training time). Existing complete triplets are kept (the run can be resumed)."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -851,7 +852,7 @@ def prepare_dataset(source: SampleSource, out_dir, segment: bool = True, method:
             reference = sample.reference
             if segment:
                 prepared = prepare_fn(sample.reference, words=words or sample.words or None, method=method,
-                                      crop="official", size=size)
+                                      crop=crop, size=size, **prepare_kwargs)
                 reference = _to_pil(prepared.image)
                 meta.update({k: getattr(prepared, k) for k in ("method", "label", "message")
                              if isinstance(getattr(prepared, k, None), (str, int, float, bool, type(None)))})
@@ -887,7 +888,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--min-quality", type=float, default=5.0,
                    help="Subjects200K: keep rows whose three quality scores are all >= this (0: keep all)")
     p.add_argument("--no-segment", action="store_true", help="copy references unchanged (no segmentation)")
-    p.add_argument("--method", default="auto", help="segmentation method passed to prepare_subject")
+    p.add_argument("--method", default="auto", help="segmentation method: auto, grounding, salient, mask, none")
+    p.add_argument("--crop", default="official", choices=("official", "subject"),
+                   help="official: EchoGen's whiten + centre crop; subject: a square around the subject")
+    p.add_argument("--grounding-dino", default=None, help="GroundingDINO folder (Hugging Face layout)")
+    p.add_argument("--sam", default=None, help="SAM folder: refine GroundingDINO's box into a mask")
+    p.add_argument("--namer", default=None, help="Qwen2.5-VL folder: name the subject when the data has no words")
+    p.add_argument("--no-salient", action="store_true", help="never fall back to the U2-Net-p saliency model")
+    p.add_argument("--device", default="auto", help="device of the segmentation models")
     p.add_argument("--size", type=int, default=512, help="reference crop size (512 for 1024-px models, 256 for 256-px)")
     p.add_argument("--words", default=None, help="subject words for every sample (default: the data's own, e.g. "
                                                   "Subjects200K description.item)")
@@ -895,11 +903,52 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     return p
 
 
+def _segmentation_models(args) -> dict:
+    """The optional segmentation models named on the command line, loaded now (lazy imports)."""
+    kwargs: dict = {}
+    if args.no_salient:
+        kwargs["salient"] = False
+    if not (args.grounding_dino or args.sam or args.namer):
+        return kwargs
+    from .detectors import GroundingDetector, SamRefiner, SubjectNamer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.grounding_dino:
+        kwargs["detector"] = GroundingDetector.from_folder(args.grounding_dino, device=device)
+    if args.sam:
+        kwargs["refiner"] = SamRefiner.from_folder(args.sam, device=device)
+    if args.namer:
+        kwargs["namer"] = SubjectNamer.from_folder(args.namer, device=device)
+    return kwargs
+
+
 def run_prepare(args) -> int:
     source = open_source(args.data, args.kind, min_quality=args.min_quality, caption_mode="full")
     print(f"{type(source).__name__}: {len(source)} samples from {args.data}", file=sys.stderr)
+    models = {} if args.no_segment else _segmentation_models(args)
     counts = prepare_dataset(source, args.out, segment=not args.no_segment, method=args.method, size=args.size,
-                             words=args.words, limit=args.limit, log=lambda m: print(m, file=sys.stderr))
+                             words=args.words, limit=args.limit, log=lambda m: print(m, file=sys.stderr),
+                             crop=args.crop, **models)
     print(f"wrote {counts['written']} triplets ({counts['segmented']} segmented), kept {counts['kept']} existing, "
           f"in {args.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m echogen_core.data ...` (the same as `python -m echogen_core prepare-data ...`)."""
+    from .errors import EchoGenError
+
+    parser = add_prepare_arguments(argparse.ArgumentParser(prog="python -m echogen_core.data",
+                                                           description="Prepare training data (segment references)."))
+    args = parser.parse_args(argv)
+    try:
+        return run_prepare(args)
+    except EchoGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -344,16 +344,18 @@ def is_multimodal_attention(name: str) -> bool:
 
 
 def build_param_groups(named_params, stage: str, lr: float, weight_decay: float = 0.005,
-                       sa_lr_mult: float = 0.1) -> list[dict]:
+                       sa_lr_mult: float = 0.1, ndims: Optional[dict] = None) -> list[dict]:
     """Param groups of the trainable parameters: weight decay on matrices (ndim >= 2) except biases and the
     official no-decay keys; in the echogen stage the 'sa' weights at sa_lr_mult x lr. Each group records
-    its 'lr_mult' (the schedule multiplies the current lr by it) and the parameter 'names'."""
+    its 'lr_mult' (the schedule multiplies the current lr by it) and the parameter 'names'. `ndims` gives
+    each parameter's true rank when the tensors seen here are flattened shards (FSDP)."""
     groups: dict = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
         name = _clean_name(name)
-        decay = p.ndim >= 2 and not name.endswith("bias") and not any(k in name for k in NO_DECAY_KEYS)
+        ndim = ndims.get(name, p.ndim) if ndims else p.ndim
+        decay = ndim >= 2 and not name.endswith("bias") and not any(k in name for k in NO_DECAY_KEYS)
         mult = sa_lr_mult if stage == "echogen" and is_multimodal_attention(name) else 1.0
         g = groups.setdefault((decay, mult), {"params": [], "names": [], "lr": lr * mult, "lr_mult": mult,
                                               "weight_decay": weight_decay if decay else 0.0})
@@ -559,12 +561,13 @@ class Trainer:
             forward = TokenizerForward(model, s.commit_weight, s.entropy_weight, s.entropy_inv_temperature)
         else:
             forward = TransformerForward(model)
+        ndims = {_clean_name(n): p.ndim for n, p in forward.named_parameters()}  # before FSDP flattens them
         self.forward_module = self._wrap(forward)
         self.global_batch = s.batch_size * self.dist.world_size * s.grad_accum
         self.peak_lr = s.base_lr * self.global_batch / 256
         self.optimizer = torch.optim.AdamW(
             build_param_groups(self.forward_module.named_parameters(), s.stage, self.peak_lr, s.weight_decay,
-                               s.sa_lr_mult),
+                               s.sa_lr_mult, ndims),
             lr=self.peak_lr, betas=s.betas, **({"fused": True} if cuda else {"foreach": True}))
         self.generator = torch.Generator().manual_seed(s.seed + 1_000_003 * self.dist.rank)
         self.step = 0

@@ -337,3 +337,18 @@ def test_default_hook_is_imported_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "echogen_core.segmentation", None)
     with pytest.raises(MissingDependencyError, match="--no-segment"):
         D._default_prepare()
+
+
+def test_prepare_command_with_the_real_segmentation_module(sample_dir, tmp_path):
+    """The default hook imports echogen_core.segmentation.prepare_subject only now; method 'none' needs no
+    model (the whole image, EchoGen's official whiten-and-centre-crop)."""
+    pytest.importorskip("echogen_core.segmentation")
+    from echogen_core.subject import center_crop_image
+
+    assert D.main([str(sample_dir), "--out", str(tmp_path / "o"), "--method", "none", "--size", "64",
+                   "--limit", "2", "--no-salient"]) == 0
+    meta = json.loads((tmp_path / "o" / "pair_01_right.json").read_text())
+    assert meta["method"] == "none" and meta["words"].startswith("Painting")
+    ref = Image.open(tmp_path / "o" / "pair_01_right.ref.png")
+    want = center_crop_image(D.SamplePairs(sample_dir)[1].reference, 64)
+    assert ref.size == (64, 64) and np.abs(arr(ref).astype(int) - arr(want).astype(int)).max() <= 1
