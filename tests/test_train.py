@@ -440,7 +440,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_in_sync(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=45)
     if any(p.is_alive() for p in procs):
         for p in procs:
             p.kill()
