@@ -353,9 +353,13 @@ class EchoGen(Infinity):
 
     @torch.no_grad()
     def init_control_from_backbone(self, seed: int = 0):
-        """The official initialisation when starting from Infinity: the content K/V, the content gate, the
-        semantic K/V and the CLS projection start at zero (so the backbone's output is unchanged except for
-        the extra attention keys), and the AdaLN linears are copies of Infinity's shared AdaLN with zero bias."""
+        """The initialisation when starting from Infinity: the content K/V, the semantic K/V and the CLS
+        projection start at zero (so the backbone's output is unchanged except for the extra attention keys),
+        and the AdaLN linears are copies of Infinity's shared AdaLN with zero bias.
+
+        Unlike the official code we do NOT also zero the content gate `sa.control_attn`: with the content
+        values and the gate both zero, every gradient of the content read is exactly zero and that path never
+        learns. Zero values alone already leave the output unchanged at step 0."""
         g = torch.Generator().manual_seed(seed)
         C = self.cfg.width
         std = (1 / (3 * C)) ** 0.5
@@ -366,7 +370,6 @@ class EchoGen(Infinity):
                 p.zero_()
         for b in self.blocks:
             b.sa.control_mat_kv.weight.zero_()
-            b.sa.control_attn.weight.zero_()
             b.ca.control_mat_kv.weight.zero_()
             b.sa.control_scale_mul_1H11.fill_(torch.tensor(4.0).log().item())
             b.control_ca_norm.weight.fill_(1.0)

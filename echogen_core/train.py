@@ -890,15 +890,6 @@ def echogen_from_backbone(backbone, reference_size: int, semantic_dim: int = 768
     if bad or result.unexpected_keys:
         raise CheckpointError(f"The backbone does not fit EchoGen: missing {bad[:5]}, unexpected {result.unexpected_keys[:5]}")
     model.init_control_from_backbone(seed)
-    # The content read must be able to start learning: with both sa.control_mat_kv (content keys/values) and
-    # sa.control_attn (the gate) at zero every gradient of the content path is exactly zero. The official
-    # recipe zeroes control_mat_kv after a trunc-normal init of every linear, so the gate keeps that init;
-    # the backbone's output is still unchanged at step 0 (the content values are zero).
-    g = torch.Generator().manual_seed(seed + 1)
-    std = math.sqrt(1 / (3 * ecfg.width))
-    for block in model.blocks:
-        w = block.sa.control_attn.weight
-        w.copy_(torch.nn.init.trunc_normal_(torch.empty(w.shape), std=std, a=-2 * std, b=2 * std, generator=g))
     for p in (model.control_features_uncond, model.control_features_refer_uncond):
         g = torch.Generator().manual_seed(0)
         p.copy_(torch.nn.init.trunc_normal_(torch.empty(p.shape), std=1.2, generator=g) / math.sqrt(p.shape[-1]))

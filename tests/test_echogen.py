@@ -266,5 +266,38 @@ def test_init_from_backbone_keeps_gates_closed():
     # at initialisation the content read is closed and the subject's semantic keys carry zero values,
     # but the prepended token and the extra keys do change attention: outputs differ from Infinity's
     for b in model.blocks:
-        assert b.sa.control_attn.weight.abs().sum() == 0 and b.ca.control_mat_kv.weight.abs().sum() == 0
+        assert b.sa.control_mat_kv.weight.abs().sum() == 0 and b.ca.control_mat_kv.weight.abs().sum() == 0
+        assert b.sa.control_attn.weight.abs().sum() > 0  # the gate stays open to gradients
     torch.testing.assert_close(logits(model, subject), logits(model, other), rtol=0, atol=0)
+
+
+def test_every_injection_path_learns_from_initialisation():
+    """The official init zeroes both the content values and the content gate, so no gradient ever reaches
+    the content read; ours keeps the gate, so one step brings every content-stream weight to life."""
+    text, subject = random_text([5], channels=128, seed=1), random_subject(EchoGenConfig.tiny(), seed=2)
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        model(text, probe_inputs(seed=4), SCHEDULE, subject=subject).square().mean().backward()
+        return {k: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for k, p in model.named_parameters()}
+
+    official = tiny_echogen(seed=13).init_control_from_backbone().requires_grad_(True)
+    for b in official.blocks:
+        b.sa.control_attn.weight.data.zero_()
+    g = grads(official)
+    assert all(v == 0 for k, v in g.items() if "sa.control_mat_kv" in k or "sa.control_attn" in k)
+
+    model = tiny_echogen(seed=13).init_control_from_backbone().requires_grad_(True)
+    g = grads(model)
+    for key in ("sa.control_mat_kv.weight", "ca.control_mat_kv.weight"):
+        assert all(v > 0 for k, v in g.items() if k.endswith(key)), key
+    assert g["control_proj_for_sos.weight"] > 0
+    with torch.no_grad():  # one plain gradient step on the injection weights
+        for k, p in model.named_parameters():
+            if "control" in k and p.grad is not None:
+                p -= 0.5 * p.grad
+    g = grads(model)
+    last = f"block_chunks.{len(model.block_chunks) - 1}."
+    for key in ("sa.control_attn.weight", "control_ffn.fc1.weight", "control_ca.mat_q.weight"):
+        live = [v for k, v in g.items() if k.endswith(key) and not (key.startswith("control_") and k.startswith(last))]
+        assert live and all(v > 0 for v in live), key
