@@ -327,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject-cfg", type=_floats, default=_floats("2.5"), help="gamma_I, or one per scale")
     add_sampling_args(p, cfg_default="2.5", tau_default="2.0")
     p.set_defaults(func=cmd_generate)
+    from .data import add_prepare_arguments, run_prepare
+    from .train import add_train_arguments, run_train
+
+    p = sub.add_parser("train", help="train the tokenizer, the Infinity backbone or EchoGen's injection")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+    p = sub.add_parser("prepare-data", help="segment references ahead of time; write triplets + official JSONL")
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
     return parser
 
 
