@@ -120,6 +120,12 @@ class Clock:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def stamp(self) -> tuple[float, float]:
+        """(wall time, this process's CPU time over all its threads). The CPU time barely moves when other
+        processes take the cores from us, so it is the steadier figure on a shared machine."""
+        wall = self.now()
+        return wall, time.process_time()
+
 
 def _proc_status_kb(field_name: str) -> Optional[int]:
     try:
@@ -360,16 +366,16 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
     held: dict = {}
 
     def conditions(*args, **kwargs):
-        t0 = clock.now()
+        t0 = clock.stamp()
         ctx = original(*args, **kwargs)
-        t1 = clock.now()
+        t1 = clock.stamp()
         if marks["cond"] is None:
             marks["cond"] = (t0, t1)
             held.update(args=args, kwargs=kwargs, ctx=ctx)
         return ctx
 
     def on_scale(s, n, _summed):
-        marks["scale_end"].append(clock.now())
+        marks["scale_end"].append(clock.stamp())
         if stop_after_first_scale:
             raise _StopAfterFirstScale
         if recompute_conditions and s + 1 < n:
@@ -382,9 +388,10 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
         if marks["loop_peak"] is None:
             marks["loop_peak"] = memory.report()
             memory.reset()
-        t0 = clock.now()
+        t0 = clock.stamp()
         out = original_decode(codes)
-        marks["decode"].append(clock.now() - t0)
+        t1 = clock.stamp()
+        marks["decode"].append((t1[0] - t0[0], t1[1] - t0[1]))
         marks["decode_peaks"].append(memory.report())
         return out
 
@@ -393,35 +400,35 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
     memory.reset()
     result = None
     load = OtherLoad()
-    t_start = clock.now()
+    start = clock.stamp()
     try:
         result = generate(model, vae, text, schedule, SETTINGS, seed=seed, on_scale=on_scale, decode=decode,
                           subject=subject)
     except _StopAfterFirstScale:
         pass
     finally:
-        t_end = clock.now()
+        end = clock.stamp()
         delattr(model, attr)
         del vae.decode
     loop_peak = marks["loop_peak"] or memory.report()
-    cond0, cond1 = marks["cond"]
-    ends = marks["scale_end"]
-    scales = [ends[0] - cond1] + [b - a for a, b in zip(ends, ends[1:])]
-    out = {
-        "total_s": t_end - t_start,
-        "setup_s": cond0 - t_start,
-        "conditions_s": cond1 - cond0,
-        "scales_s": scales,
-        "scale_loop_s": sum(scales),
-        "decode_s": sum(marks["decode"]),
-        "peak_memory": {"conditions_and_scales": loop_peak},
-        "other_processes_cpu_share": load.share(),
-    }
+    out = {"other_processes_cpu_share": load.share()}
+    # index 0: wall clock ("..._s"), index 1: process CPU time (under "cpu_s")
+    for i, key in enumerate((None, "cpu_s")):
+        cond0, cond1 = (m[i] for m in marks["cond"])
+        ends = [m[i] for m in marks["scale_end"]]
+        scales = [ends[0] - cond1] + [b - a for a, b in zip(ends, ends[1:])]
+        part = {"total_s": end[i] - start[i], "setup_s": cond0 - start[i], "conditions_s": cond1 - cond0,
+                "scales_s": scales, "scale_loop_s": sum(scales), "decode_s": sum(d[i] for d in marks["decode"])}
+        part["other_s"] = part["total_s"] - part["setup_s"] - part["conditions_s"] - part["scale_loop_s"] - part["decode_s"]
+        if key is None:
+            out.update(part)
+        else:
+            out[key] = part
+    out["peak_memory"] = {"conditions_and_scales": loop_peak}
     if marks["decode_peaks"]:
         out["peak_memory"]["decode"] = max(marks["decode_peaks"], key=lambda r: r["growth_bytes"])
     if recompute_conditions:
         out["recompute_s"] = sum(marks["recompute"])
-    out["other_s"] = out["total_s"] - out["setup_s"] - out["conditions_s"] - out["scale_loop_s"] - out["decode_s"]
     out["_bits"] = None if result is None else result.bits
     return out
 
@@ -515,7 +522,7 @@ def measure_config(spec: BenchConfig, device="cpu", *, schedule: Optional[ScaleS
     t5_mode = ("xl" if cuda and cfg.text_channels == T5_XL["d_model"] else "stand-in") if t5 == "auto" else t5
     clock, memory = Clock(device), Memory(device)
     workdir = Path(tempfile.mkdtemp(prefix=f"echogen-bench-{spec.name}-"))
-    out: dict = {"status": "ok", "label": spec.label}
+    out: dict = {"status": "ok", "label": spec.label, "device": str(device)}
     try:
         with torch.no_grad():
             out.update(_measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeats, warmup,
@@ -569,9 +576,10 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
 
     def encode_text_timed(prompts):
         memory.reset()
-        t0 = clock.now()
+        t0 = clock.stamp()
         text = t5.encode(prompts)
-        return text, clock.now() - t0, memory.report()
+        t1 = clock.stamp()
+        return text, (t1[0] - t0[0], t1[1] - t0[1]), memory.report()
 
     def encode_subject_timed():
         times = {}
@@ -588,14 +596,14 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
         dinov2.encode = wrap("dinov2", originals["dinov2"])
         flux.content_tokens = wrap("content_vae", originals["content_vae"])
         memory.reset()
-        t0 = clock.now()
+        t0 = clock.stamp()
         try:
             ref = center_crop_reference(pil, crop)
             subject = encode_subject(ref, cfg, dinov2, flux)
         finally:
             del dinov2.encode, flux.content_tokens
-        total = clock.now() - t0
-        return subject, total, times, memory.report()
+        t1 = clock.stamp()
+        return subject, (t1[0] - t0[0], t1[1] - t0[1]), times, memory.report()
 
     # -- warm-up --------------------------------------------------------------------------------------------
     if warmup != "none":
@@ -615,12 +623,13 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
     for _ in range(max(1, repeats)):
         _free(device)
         load = OtherLoad()
-        t0 = clock.now()
-        text, text_s, text_mem = encode_text_timed([PROMPT])
-        subject, subject_s, subject_parts, subject_mem = encode_subject_timed()
+        t0 = clock.stamp()
+        text, text_t, text_mem = encode_text_timed([PROMPT])
+        subject, subject_t, subject_parts, subject_mem = encode_subject_timed()
         gen = timed_generate(echogen, vae, text, schedule, subject=subject, clock=clock, memory=memory, decode=True)
-        total = clock.now() - t0
-        runs.append({"total_s": total, "text_encode_s": text_s, "subject_encode_s": subject_s,
+        t1 = clock.stamp()
+        runs.append({"total_s": t1[0] - t0[0], "text_encode_s": text_t[0], "subject_encode_s": subject_t[0],
+                     "cpu_s": {"total_s": t1[1] - t0[1], "text_encode_s": text_t[1], "subject_encode_s": subject_t[1]},
                      "subject_parts_s": subject_parts, "generate": gen, "other_processes_cpu_share": load.share(),
                      "peak_memory": {"text_encode": text_mem, "subject_encode": subject_mem, **gen["peak_memory"]}})
     e2e = _median_run(runs)
@@ -637,6 +646,11 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
         },
         "tokens_per_s": {"end_to_end": tokens / e2e["total_s"], "scale_loop": tokens / gen["scale_loop_s"]},
     })
+    gc_ = gen["cpu_s"]
+    e2e["stages_cpu_s"] = {
+        "text_encode": e2e["cpu_s"]["text_encode_s"], "subject_encode": e2e["cpu_s"]["subject_encode_s"],
+        "conditions": gc_["conditions_s"], "scales": gc_["scales_s"], "scale_loop": gc_["scale_loop_s"],
+        "decode": gc_["decode_s"], "total": e2e["cpu_s"]["total_s"]}
     if cuda:
         enc_bytes = weight_bytes(t5.model) + weight_bytes(dinov2) + weight_bytes(flux)
         peak = max(gen["peak_memory"]["conditions_and_scales"]["peak_bytes"], gen["peak_memory"].get("decode", {}).get("peak_bytes", 0))
@@ -651,6 +665,10 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
     if "ratios" in sections:
         result["ratios"] = {}
         sampler_3row = gen["total_s"] - gen["decode_s"]  # this very run, the sampler without the decode
+        sampler_3row_cpu = gen["cpu_s"]["total_s"] - gen["cpu_s"]["decode_s"]
+
+        def cpu(run_):
+            return run_["cpu_s"]["total_s"]
 
         def run(model, text_rows, **kw):
             rs = []
@@ -670,6 +688,8 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                 "infinity_2row_s": inf["total_s"], "echogen_3row_s": sampler_3row, "echogen_2row_s": two["total_s"],
                 "ratio_3row": sampler_3row / inf["total_s"], "ratio_2row": two["total_s"] / inf["total_s"],
                 "target": 1.3,
+                "cpu_time": {"infinity_2row_s": cpu(inf), "echogen_3row_s": sampler_3row_cpu, "echogen_2row_s": cpu(two),
+                             "ratio_3row": sampler_3row_cpu / cpu(inf), "ratio_2row": cpu(two) / cpu(inf)},
                 "infinity_2row": _public(inf), "echogen_2row": _public(two),
             }
             log(f"[{spec.name}] EchoGen/Infinity: 3-row {sampler_3row / inf['total_s']:.2f}x, 2-row "
@@ -681,7 +701,9 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                 "note": "sampler only. cached: conditions (prompt context, semantic tokens, content stream) computed "
                         "once, as our sampler does. recomputed: encode_conditions called again before every scale.",
                 "cached_s": sampler_3row, "recomputed_s": rec["total_s"], "ratio": rec["total_s"] / sampler_3row,
-                "saved_s": rec["total_s"] - sampler_3row, "same_bits": bool(same), "recomputed": _public(rec),
+                "saved_s": rec["total_s"] - sampler_3row, "same_bits": bool(same),
+                "cpu_time": {"cached_s": sampler_3row_cpu, "recomputed_s": cpu(rec), "ratio": cpu(rec) / sampler_3row_cpu},
+                "recomputed": _public(rec),
             }
             log(f"[{spec.name}] content stream recomputed/cached {rec['total_s'] / sampler_3row:.2f}x")
         if "batch" in ratios and batch > 1:
@@ -693,7 +715,10 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                             f"prompt (seeds 0..{batch - 1}); per image = total / {batch}.",
                     "batch": batch, "batch1_s": sampler_3row, f"batch{batch}_s": rb["total_s"],
                     "per_image_s": rb["total_s"] / batch, "ratio_per_image": rb["total_s"] / batch / sampler_3row,
-                    "tokens_per_s": batch * tokens / rb["scale_loop_s"], "run": _public(rb),
+                    "tokens_per_s": batch * tokens / rb["scale_loop_s"],
+                    "cpu_time": {"batch1_s": sampler_3row_cpu, f"batch{batch}_s": cpu(rb),
+                                 "ratio_per_image": cpu(rb) / batch / sampler_3row_cpu},
+                    "run": _public(rb),
                 }
                 log(f"[{spec.name}] batch {batch}: {rb['total_s'] / batch:.2f} s per image "
                     f"({rb['total_s'] / batch / sampler_3row:.2f}x batch 1)")
@@ -704,7 +729,10 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
             result["ratios"]["skipped"] = skipped
         if "content_stream" not in ratios:
             estimate = sampler_3row + (schedule.num_scales - 1) * gen["conditions_s"]
+            estimate_cpu = sampler_3row_cpu + (schedule.num_scales - 1) * gen["cpu_s"]["conditions_s"]
             result["ratios"]["content_stream_estimate"] = {
+                "cpu_time": {"cached_s": sampler_3row_cpu, "recomputed_estimate_s": estimate_cpu,
+                             "ratio_estimate": estimate_cpu / sampler_3row_cpu},
                 "note": "NOT measured (skipped to save time): cached sampler time of this run plus (scales - 1) x "
                         "its measured conditions time, i.e. what recomputing before every scale would add.",
                 "cached_s": sampler_3row, "recomputed_estimate_s": estimate, "ratio_estimate": estimate / sampler_3row,
@@ -872,68 +900,78 @@ def format_config(name: str, r: dict) -> str:
         return f"== {name}: {r.get('status')} -- {r.get('reason', '')}"
     lines = []
     s, e2e = r["schedule"], r["e2e"]
-    st, gen, pm = e2e["stages_s"], e2e["generate"], e2e["peak_memory"]
+    st, sc, gen, pm = e2e["stages_s"], e2e["stages_cpu_s"], e2e["generate"], e2e["peak_memory"]
+    on_cpu = r.get("device", "cpu").startswith("cpu")
     m = r["models"]
     lines.append(f"== {name}: {r['label']}, {s['resolution']}, {s['scales']} scales, {s['tokens_per_image']} tokens, "
-                 f"batch 1, 3 guidance rows, blocks {r['precision']['transformer_blocks']}")
-    lines.append(f"   text: {m['text_encoder']['label']}; subject: {m['dinov2']['label']} + {m['content_vae']['label']}; "
-                 f"decode: {m['bsq_vae']['label']}")
+                 f"batch 1, 3 guidance rows, blocks {r['precision']['transformer_blocks']}, {r.get('device', '')}")
+    lines.append(f"   text: {m['text_encoder']['label']}")
+    lines.append(f"   subject: {m['dinov2']['label']} + {m['content_vae']['label']}; decode: {m['bsq_vae']['label']}")
     total = e2e["total_s"]
-    rows = [("text encode", st["text_encode"], pm["text_encode"]),
-            ("subject encode", st["subject_encode"], pm["subject_encode"])]
+    rows = [("text encode", st["text_encode"], sc["text_encode"], pm["text_encode"]),
+            ("subject encode", st["subject_encode"], sc["subject_encode"], pm["subject_encode"])]
     for k, v in e2e["subject_parts_s"].items():
-        rows.append((f"  {'DINOv2' if k == 'dinov2' else 'FLUX VAE encoder'}", v, None))
-    rows.append(("conditions + content stream", st["conditions"], None))
-    for i, (t, g) in enumerate(zip(st["scales"], s["grids"])):
+        rows.append((f"  {'DINOv2' if k == 'dinov2' else 'FLUX VAE encoder'}", v, None, None))
+    rows.append(("conditions + content stream", st["conditions"], sc["conditions"], None))
+    for i, (t, c, g) in enumerate(zip(st["scales"], sc["scales"], s["grids"])):
         label = f"scale {i + 1:>2} ({g[0]}x{g[1]})" + (" + cross K/V" if i == 0 else "")
-        rows.append((label, t, pm["conditions_and_scales"] if i == len(st["scales"]) - 1 else None))
-    rows.append(("  all scales", st["scale_loop"], None))
-    rows.append(("decode (BSQ VAE)", st["decode"], pm.get("decode")))
-    rows.append(("other", st["other"], None))
-    lines.append(f"   {'stage':<30}{'time s':>9}{'share':>8}{'peak mem +':>13}")
-    for label, t, mem in rows:
+        rows.append((label, t, c, pm["conditions_and_scales"] if i == len(st["scales"]) - 1 else None))
+    rows.append(("  all scales", st["scale_loop"], sc["scale_loop"], None))
+    rows.append(("decode (BSQ VAE)", st["decode"], sc["decode"], pm.get("decode")))
+    rows.append(("other", st["other"], None, None))
+    cpu_head = f"{'cpu s':>9}" if on_cpu else ""
+    lines.append(f"   {'stage':<30}{'time s':>9}{'share':>8}{cpu_head}{'peak mem +':>24}")
+    for label, t, c, mem in rows:
         mem_s = "" if mem is None else _fmt_bytes(mem["growth_bytes"])
         if label.startswith("scale ") and mem is not None:
-            mem_s = "(cond+loop) " + mem_s
-        lines.append(f"   {label:<30}{t:>9.3f}{100 * t / total:>7.1f}%{mem_s:>13}")
-    lines.append(f"   {'end to end':<30}{total:>9.3f}{100.0:>7.1f}%")
+            mem_s = "(conditions+scales) " + mem_s
+        cpu_s = (f"{c:>9.3f}" if c is not None else " " * 9) if on_cpu else ""
+        lines.append(f"   {label:<30}{t:>9.3f}{100 * t / total:>7.1f}%{cpu_s}{mem_s:>24}")
+    cpu_s = f"{sc['total']:>9.3f}" if on_cpu else ""
+    lines.append(f"   {'end to end':<30}{total:>9.3f}{100.0:>7.1f}%{cpu_s}")
     tps = e2e["tokens_per_s"]
-    lines.append(f"   tokens/s: {tps['end_to_end']:.1f} end to end, {tps['scale_loop']:.1f} in the scale loop; "
-                 f"memory: {r['memory_method']}")
+    lines.append(f"   tokens/s: {tps['end_to_end']:.1f} end to end, {tps['scale_loop']:.1f} in the scale loop. "
+                 f"Memory: {r['memory_method']}")
+    if on_cpu:
+        lines.append("   cpu s = this process's CPU time over all its threads (steadier than wall time on a shared machine)")
     if e2e.get("other_processes_cpu_share") is not None:
         lines.append(f"   other processes used {100 * e2e['other_processes_cpu_share']:.0f}% of the machine's CPU time "
                      "during the end-to-end run")
     if "generate_with_encoders_offloaded_bytes (derived)" in pm:
         lines.append(f"   generate peak with the encoders offloaded (derived): "
                      f"{_fmt_bytes(pm['generate_with_encoders_offloaded_bytes (derived)'])}")
+
+    def cpu_ratio(x, key):
+        return f", cpu time {x['cpu_time'][key]:.2f}x" if on_cpu and "cpu_time" in x else ""
+
     ratios = r.get("ratios", {})
     if ratios:
-        lines.append("   side by side (sampler only, no decode):")
+        lines.append("   side by side (sampler only, no decode; wall time, and CPU time on the CPU):")
     if "echogen_vs_infinity" in ratios:
         x = ratios["echogen_vs_infinity"]
         inf, two = x["infinity_2row"], x["echogen_2row"]
         lines.append(f"     EchoGen 3-row / Infinity 2-row   {x['echogen_3row_s']:.3f} / {x['infinity_2row_s']:.3f} s = "
-                     f"{x['ratio_3row']:.2f}x   (target <= {x['target']}x: {'met' if x['ratio_3row'] <= x['target'] else 'NOT met'}); "
-                     f"conditions {gen['conditions_s']:.3f} vs {inf['conditions_s']:.3f} s, scales {gen['scale_loop_s']:.3f} "
-                     f"vs {inf['scale_loop_s']:.3f} s")
+                     f"{x['ratio_3row']:.2f}x{cpu_ratio(x, 'ratio_3row')}   (target <= {x['target']}x)")
+        lines.append(f"         conditions {gen['conditions_s']:.3f} vs {inf['conditions_s']:.3f} s, scales "
+                     f"{gen['scale_loop_s']:.3f} vs {inf['scale_loop_s']:.3f} s")
         lines.append(f"     EchoGen 2-row / Infinity 2-row   {x['echogen_2row_s']:.3f} / {x['infinity_2row_s']:.3f} s = "
-                     f"{x['ratio_2row']:.2f}x   (injection alone, same rows); conditions {two['conditions_s']:.3f} s, "
-                     f"scales {two['scale_loop_s']:.3f} s")
+                     f"{x['ratio_2row']:.2f}x{cpu_ratio(x, 'ratio_2row')}   (injection alone, same rows)")
+        lines.append(f"         conditions {two['conditions_s']:.3f} s, scales {two['scale_loop_s']:.3f} s")
     if "content_stream" in ratios:
         x = ratios["content_stream"]
         lines.append(f"     content stream recomputed/cached {x['recomputed_s']:.3f} / {x['cached_s']:.3f} s = "
-                     f"{x['ratio']:.2f}x   (cache saves {x['saved_s']:.3f} s; same bits: {x['same_bits']})")
+                     f"{x['ratio']:.2f}x{cpu_ratio(x, 'ratio')}   (same bits: {x['same_bits']})")
+    if "content_stream_estimate" in ratios:
+        x = ratios["content_stream_estimate"]
+        lines.append(f"     content stream recomputed/cached ~{x['ratio_estimate']:.2f}x{cpu_ratio(x, 'ratio_estimate')}"
+                     f"   (ESTIMATE, not run: cached + (scales - 1) x conditions)")
     if "batch" in ratios:
         x = ratios["batch"]
         if "error" in x:
             lines.append(f"     batch {x['batch']}: {x['error']}")
         else:
             lines.append(f"     batch {x['batch']} per image / batch 1    {x['per_image_s']:.3f} / {x['batch1_s']:.3f} s = "
-                         f"{x['ratio_per_image']:.2f}x")
-    if "content_stream_estimate" in ratios:
-        x = ratios["content_stream_estimate"]
-        lines.append(f"     content stream recomputed/cached ~{x['ratio_estimate']:.2f}x   (ESTIMATE, not run: cached + "
-                     f"(scales - 1) x conditions = {x['recomputed_estimate_s']:.1f} s)")
+                         f"{x['ratio_per_image']:.2f}x{cpu_ratio(x, 'ratio_per_image')}")
     if ratios.get("skipped"):
         lines.append(f"     not run here: {', '.join(ratios['skipped'])}")
     if "cold_start" in r:
@@ -943,34 +981,42 @@ def format_config(name: str, r: dict) -> str:
             where = "page cache dropped" if run["page_cache_dropped"] else "page cache warm"
             res = run["resident_fraction_before"]
             res_s = "" if res is None else f", {100 * res:.0f}% resident"
-            lines.append(f"     run {run['run']} ({where}{res_s}): load {run['load_s']:.3f} s, first token "
-                         f"{run['to_first_token_s']:.3f} s ({run['read_mb_per_s']:.0f} MB/s)")
+            lines.append(f"     run {run['run']} ({where}{res_s}): load {run['load_s']:.3f} s "
+                         f"({run['read_mb_per_s']:.0f} MB/s), first token {run['to_first_token_s']:.3f} s "
+                         f"(conditions {run['conditions_s']:.3f} s + scale 1 {run['first_scale_s']:.3f} s)")
     return "\n".join(lines)
 
 
 def format_summary(results: dict) -> str:
-    lines = [f"{'config':<8}{'e2e s':>9}{'loop s':>9}{'tok/s':>9}{'Echo/Inf':>10}{'recomp':>9}{'b4/b1':>8}"
+    """One line per configuration. Ratios are wall time; on the CPU the CPU-time ratio follows in brackets."""
+    lines = [f"{'config':<7}{'e2e s':>9}{'scales s':>9}{'tok/s':>8}{'Echo/Inf':>15}{'recompute':>15}{'b4/b1':>14}"
              f"{'cold 1st tok':>14}{'warm 1st tok':>14}"]
     for name, r in results.items():
         if r.get("status") != "ok":
-            lines.append(f"{name:<8}  skipped: {r.get('reason', '')}")
+            lines.append(f"{name:<7}  skipped: {r.get('reason', '')}")
             continue
         ratios = r.get("ratios", {})
+        on_cpu = r.get("device", "cpu").startswith("cpu")
 
-        def get(section, key, fmt="{:.2f}x"):
-            v = ratios.get(section, {}).get(key)
-            return "-" if v is None else fmt.format(v)
+        def get(section, key, prefix=""):
+            x = ratios.get(section, {})
+            if key not in x:
+                return "-"
+            out = f"{prefix}{x[key]:.2f}x"
+            if on_cpu and key in x.get("cpu_time", {}):
+                out += f" ({x['cpu_time'][key]:.2f})"
+            return out
 
-        runs = r.get("cold_start", {}).get("runs", [])
         recomp = get("content_stream", "ratio")
-        if recomp == "-" and "content_stream_estimate" in ratios:
-            recomp = "~" + get("content_stream_estimate", "ratio_estimate")
+        if recomp == "-":
+            recomp = get("content_stream_estimate", "ratio_estimate", "~")
+        runs = r.get("cold_start", {}).get("runs", [])
         cold = f"{runs[0]['to_first_token_s']:.2f} s" if runs else "-"
         warm = f"{runs[1]['to_first_token_s']:.2f} s" if len(runs) > 1 else "-"
         e2e = r["e2e"]
-        lines.append(f"{name:<8}{e2e['total_s']:>9.2f}{e2e['stages_s']['scale_loop']:>9.2f}"
-                     f"{e2e['tokens_per_s']['end_to_end']:>9.1f}{get('echogen_vs_infinity', 'ratio_3row'):>10}"
-                     f"{recomp:>9}{get('batch', 'ratio_per_image'):>8}{cold:>14}{warm:>14}")
+        lines.append(f"{name:<7}{e2e['total_s']:>9.2f}{e2e['stages_s']['scale_loop']:>9.2f}"
+                     f"{e2e['tokens_per_s']['end_to_end']:>8.1f}{get('echogen_vs_infinity', 'ratio_3row'):>15}"
+                     f"{recomp:>15}{get('batch', 'ratio_per_image'):>14}{cold:>14}{warm:>14}")
     return "\n".join(lines)
 
 
@@ -1005,8 +1051,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", default="auto", choices=["auto", "full", "light", "none"])
     p.add_argument("--t5", default="auto", choices=["auto", "xl", "stand-in"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per "
+                                                              "core); 1 is steadier on a machine shared with other work")
     p.add_argument("--note", default=None, help="free text stored in the JSON")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.device is None:
         args.device = "cuda" if (not args.quick and torch.cuda.is_available()) else "cpu"
@@ -1025,6 +1075,12 @@ def main(argv=None) -> int:
     out_path = Path(args.out) if args.out else DEFAULT_OUT
 
     monitor = MachineMonitor(device)
+    load = monitor.load_before
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and load and load[0] > 0.5 * cores and torch.get_num_threads() > 1:
+        print(f"warning: load average {load[0]:.1f} on {cores} cores: other processes are busy. With "
+              f"{torch.get_num_threads()} threads, small CPU ops stall at thread barriers whenever a peer thread is "
+              "descheduled (10x on the tiny config); --threads 1 gives steadier figures.", file=sys.stderr)
     results: dict = {}
     for spec, kw in plan(names, args.quick, device):
         if spec.cuda_only and device.type != "cuda":
