@@ -207,3 +207,22 @@ def test_text_encoder_width_must_match_the_model(nodes, tmp_path):
                       prompts=("x",), channels=32)
     with pytest.raises(InputError, match="text encoder"):
         build(nodes, "EchoGenSampler", model=model, vae=vae, text=wide, width=256, height=256, seed=0, batch_size=1)
+
+
+def test_subject_segmenter_node_with_a_user_mask(nodes):
+    """IMAGE + MASK in; the subject on white, its mask and the label out (the user mask wins over 'auto')."""
+    image = torch.full((1, 120, 160, 3), 0.2)
+    image[:, 30:90, 50:110] = torch.tensor([0.9, 0.1, 0.1])
+    mask = torch.zeros(1, 120, 160)
+    mask[:, 30:90, 50:110] = 1
+    prepared, out_mask, label = build(nodes, "EchoGenSubjectSegmenter", image=image, method="auto",
+                                      subject_words="red block", crop="subject", size=64, mask=mask)
+    assert prepared.shape == (1, 64, 64, 3) and out_mask.shape == (1, 64, 64)
+    assert "red block" in label and "mask" in label
+    far = torch.nn.functional.max_pool2d(out_mask[None], 5, stride=1, padding=2)[0] == 0  # away from the edge
+    assert far.sum() > 500 and prepared[far].min() == 1.0  # the background is painted pure white
+    inside = -torch.nn.functional.max_pool2d(-out_mask[None], 5, stride=1, padding=2)[0] > 0.99  # eroded subject
+    assert inside.sum() > 100 and (prepared[inside] - torch.tensor([0.9, 0.1, 0.1])).abs().max() < 0.02
+    with pytest.raises(InputError, match="masks"):
+        build(nodes, "EchoGenSubjectSegmenter", image=image.expand(3, -1, -1, -1), method="mask",
+              subject_words="", crop="official", size=64, mask=mask.expand(2, -1, -1))
