@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,87 @@ pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file(),
     reason="end-to-end ComfyUI test: set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its Python "
            "if that is not this one)")
+
+
+PROBE_FOLDER = "echogen_frontend_probe"
+PROBE_PY = '''"""Test-only pack: serves the templates to a browser and collects what the real frontend makes of them."""
+import json
+import pathlib
+
+from aiohttp import web
+from server import PromptServer
+
+NODE_CLASS_MAPPINGS = {}
+WEB_DIRECTORY = "./js"
+RESULTS = []
+WORKFLOWS = pathlib.Path(__file__).with_name("workflows.json")
+
+
+@PromptServer.instance.routes.get("/echogen_probe/workflows")
+async def workflows(request):
+    return web.json_response(json.loads(WORKFLOWS.read_text()))
+
+
+@PromptServer.instance.routes.post("/echogen_probe/result")
+async def result(request):
+    RESULTS.append(await request.json())
+    return web.json_response({})
+
+
+@PromptServer.instance.routes.get("/echogen_probe/results")
+async def results(request):
+    return web.json_response(RESULTS)
+'''
+PROBE_JS = """
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const errors = [];
+window.addEventListener("error", (e) => errors.push(String(e.message)));
+window.addEventListener("unhandledrejection", (e) => errors.push(String(e.reason)));
+
+async function run() {
+  await sleep(1500);
+  const workflows = await (await api.fetchApi("/echogen_probe/workflows")).json();
+  for (const [name, wf] of Object.entries(workflows)) {
+    const result = { name };
+    try {
+      await app.loadGraphData(structuredClone(wf), true, true, name);
+      await sleep(1500);  // the EchoGen extension's debounce + fetch
+      const nodes = app.graph.nodes ?? app.graph._nodes;
+      result.nodes = nodes.map((n) => ({ id: n.id, type: n.type, errors: !!n.has_errors,
+        widgets: (n.widgets ?? []).map((w) => [w.name, w.value, w.label ?? null]) }));
+      const p = await app.graphToPrompt();
+      result.output = p.output;
+      result.saved = { links: p.workflow.links, widgets: Object.fromEntries(p.workflow.nodes.map((n) => [n.id, n.widgets_values ?? []])),
+                       inputs: Object.fromEntries(p.workflow.nodes.map((n) => [n.id, n.inputs ?? []])),
+                       outputs: Object.fromEntries(p.workflow.nodes.map((n) => [n.id, n.outputs ?? []])) };
+    } catch (e) {
+      result.error = String(e?.stack ?? e);
+    }
+    result.extensions = (app.extensions ?? []).map((e) => e.name);
+    result.errors = errors.slice();
+    await api.fetchApi("/echogen_probe/result", { method: "POST", body: JSON.stringify(result) });
+  }
+}
+
+app.registerExtension({ name: "EchoGen.TestProbe", async setup() { run(); } });
+"""
+
+
+def write_probe_pack(folder: Path) -> None:
+    (folder / "js").mkdir(parents=True)
+    (folder / "__init__.py").write_text(PROBE_PY)
+    (folder / "js" / "probe.js").write_text(PROBE_JS)
+    (folder / "workflows.json").write_text(json.dumps({n: load_workflow(WORKFLOWS / f"{n}.json") for n in TEMPLATES}))
+
+
+def browser() -> str | None:
+    for name in (os.environ.get("CHROMIUM"), "chromium-headless-shell", "chromium", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
 
 
 def free_port() -> int:
@@ -91,6 +173,7 @@ def server(tmp_path_factory, tiny_t5_dir):
     for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    write_probe_pack(base / "custom_nodes" / PROBE_FOLDER)
     Image.open(DOG).convert("RGB").save(base / "input" / "echogen_reference.png")
     models = write_tiny_models(tmp / "models", tiny_t5_dir)
     config = tmp / "extra_model_paths.yaml"
@@ -249,3 +332,48 @@ def test_workflow_runs_on_the_server(server, object_info, name):
     for nid, n in prompt.items():
         if n["class_type"] == "EchoGenSubjectSegmenter":
             assert outputs[nid]["text"][0].startswith("dog (")  # "dog (salient)" or "dog (none)": what ran
+
+
+def test_templates_load_in_the_real_frontend(server, object_info, tmp_path):
+    """Headless Chromium opens the server's own frontend; a test-only extension loads each template with
+    app.loadGraphData, reads the nodes and widgets back, and converts it with app.graphToPrompt."""
+    exe = browser()
+    if exe is None:
+        pytest.skip("no Chromium (set CHROMIUM or install chromium-headless-shell)")
+    proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000", server.url + "/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        results = []
+        while len(results) < len(TEMPLATES) and time.time() < deadline:
+            time.sleep(1)
+            results = server.get("/echogen_probe/results")
+    finally:
+        _stop(proc)
+    assert len(results) == len(TEMPLATES), f"the frontend reported {len(results)} of {len(TEMPLATES)} templates"
+    for r in results:
+        name = r["name"]
+        assert "error" not in r, r.get("error")
+        assert "EchoGen.SamplerSize" in r["extensions"], "js/echogen.js did not register"
+        assert not r["errors"], r["errors"]
+        workflow = load_workflow(WORKFLOWS / f"{name}.json")
+        assert sorted(n["id"] for n in r["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
+        assert not [n for n in r["nodes"] if n["errors"]], name
+        # the frontend and our converter agree on the API prompt
+        ours = ui_to_api(workflow, object_info)
+        theirs = r["output"]
+        assert {k: (v["class_type"], v["inputs"]) for k, v in theirs.items()} == \
+            {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}, name
+        # saving it again gives back the same widget values and links
+        assert r["saved"]["widgets"] == {str(n["id"]): n["widgets_values"] for n in workflow["nodes"]}, name
+        assert sorted(map(tuple, r["saved"]["links"])) == sorted(map(tuple, workflow["links"])), name
+        for n in workflow["nodes"]:  # and the same sockets (slot order, types, optional shape, links)
+            assert r["saved"]["inputs"][str(n["id"])] == n["inputs"], (name, n["type"])
+            assert [{k: o[k] for k in ("name", "type", "links")} for o in r["saved"]["outputs"][str(n["id"])]] == \
+                [{k: o[k] for k in ("name", "type", "links")} for o in n["outputs"]], (name, n["type"])
+        for node in r["nodes"]:
+            if node["type"] == "EchoGenSampler":
+                labels = {w[0]: w[2] for w in node["widgets"]}
+                assert labels["width"] == "width → 1024", labels
+                assert labels["height"] == "height → 1024 · 10521 tokens", labels

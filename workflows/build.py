@@ -92,6 +92,13 @@ def ordered_inputs(definition: dict):
         yield from (inputs.get(section) or {}).items()
 
 
+def socket_inputs(definition: dict) -> list[tuple[str, str, bool]]:
+    """(name, type, optional) of the inputs drawn as sockets (links), in the order the editor lists them."""
+    inputs = definition["input"]
+    return [(name, spec[0], section == "optional") for section in ("required", "optional")
+            for name, spec in (inputs.get(section) or {}).items() if input_kind(spec)[0] == "socket"]
+
+
 def is_placeholder(options) -> bool:
     """A model dropdown built from an empty folder: its entries cannot be checked here."""
     return not options or any(str(o).startswith("(put files") for o in options)
@@ -158,17 +165,17 @@ def build(name: str, spec: list[N], defs: dict, groups=()) -> dict:
     for n in spec:
         if n.type in FRONTEND_NODES:
             continue
-        inputs = list(ordered_inputs(defs[n.type]))
-        names = [i for i, _ in inputs]
+        inputs = socket_inputs(defs[n.type])
+        names = [i for i, _, _ in inputs]
         for input_name, source in n.links.items():
             if input_name not in names:
-                raise ValueError(f"{name}/{n.key}: {n.type} has no input {input_name!r}")
+                raise ValueError(f"{name}/{n.key}: {n.type} has no socket input {input_name!r}")
             src_key, out_name = (source, None) if isinstance(source, str) else source
             src = by_key[src_key]
             d = defs[src.type]
             slot = 0 if out_name is None else list(d["output_name"]).index(out_name)
             link_type = d["output"][slot]
-            want = inputs[names.index(input_name)][1][0]
+            want = inputs[names.index(input_name)][1]
             if link_type != want:
                 raise ValueError(f"{name}: {src_key}.{d['output_name'][slot]} ({link_type}) cannot feed "
                                  f"{n.key}.{input_name} ({want})")
@@ -192,10 +199,9 @@ def build(name: str, spec: list[N], defs: dict, groups=()) -> dict:
             continue
         d = defs[n.type]
         given = dict(n.values)
-        inputs, widgets, values = [], [], []
+        widgets, values = [], []
         for input_name, ispec in ordered_inputs(d):
             kind, opts = input_kind(ispec)
-            entry = {"name": input_name, "type": "COMBO" if isinstance(ispec[0], (list, tuple)) else ispec[0]}
             if kind == "widget":
                 widgets.append((input_name, ispec))
                 values.append(_widget_value(input_name, ispec, opts, given, n))
@@ -203,7 +209,13 @@ def build(name: str, spec: list[N], defs: dict, groups=()) -> dict:
                     values.append("fixed")
                 if opts.get("image_upload"):
                     values.append("image")
-                entry["widget"] = {"name": input_name}
+        # As the editor saves them: socket inputs only (widgets live in widgets_values), optional ones marked
+        # with LiteGraph's hollow-dot shape 7.
+        inputs = []
+        for input_name, socket_type, optional in socket_inputs(d):
+            entry = {"name": input_name, "type": socket_type}
+            if optional:
+                entry["shape"] = 7
             entry["link"] = incoming.get((n.key, input_name))
             inputs.append(entry)
         if given:
@@ -214,7 +226,7 @@ def build(name: str, spec: list[N], defs: dict, groups=()) -> dict:
             raise ValueError(f"{name}/{n.key}: required input(s) {missing} not connected")
         outputs = [{"name": out_name, "type": out_type, "links": outgoing.get((n.key, slot), []), "slot_index": slot}
                    for slot, (out_type, out_name) in enumerate(zip(d["output"], d["output_name"]))]
-        sockets_in = sum(1 for e in inputs if "widget" not in e)
+        sockets_in = len(inputs)
         properties = {"Node name for S&R": n.type, "cnr_id": "comfy-core" if n.type in CORE_NODES else PACK_ID}
         node.update(size=_size(n, widgets, sockets_in, len(outputs)), flags={}, order=order[ids[n.key]], mode=0,
                     inputs=inputs, outputs=outputs, properties=properties, widgets_values=values)
