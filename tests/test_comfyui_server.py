@@ -11,6 +11,15 @@ extension and the /echogen/schedule route are served, then queue each template (
 the server's own node definitions) through POST /prompt, poll /history and read the images back via /view:
 each SaveImage image has the size its sampler announced. The samplers ask for 256x256 (or 330x250 for
 text-to-image) instead of the templates' 1024x1024, set in the API prompt only, to keep CPU time short.
+
+With a Chromium on PATH (or CHROMIUM=...), a headless browser also opens the server's own frontend, where a
+test-only extension (written next to the pack in the temporary custom_nodes) loads every template with
+app.loadGraphData: no missing nodes, no page errors, js/echogen.js registered and labelling the sampler's
+width/height, re-saving gives the same sockets, links and widget values, and app.graphToPrompt gives the
+same API prompt as tests/workflow_runner.ui_to_api.
+
+Ran here on ComfyUI v0.3.64 (frontend 1.27.10), Python 3.11 venv with torch 2.13.0 CPU (pinned by a
+constraints file), `requests`, no torchaudio, and the torchvision op-schema shim of specs/comfyui.md 8.1.
 """
 from __future__ import annotations
 
@@ -265,6 +274,10 @@ def test_frontend_extension_and_route_are_served(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         server.get("/echogen/schedule?width=abc&height=1")
     assert e.value.code == 400
+    # the template browser lists the workflows under the pack folder's name
+    assert sorted(server.get("/api/workflow_templates")[PACK_FOLDER]) == sorted(TEMPLATES)
+    served = server.get(f"/api/workflow_templates/{PACK_FOLDER}/{TEMPLATES[0]}.json")
+    assert served == load_workflow(WORKFLOWS / f"{TEMPLATES[0]}.json")
 
 
 def _wait_history(server: Server, prompt_id: str) -> dict:
