@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import comfy_bridge as bridge
+from .comfy_bridge import log
 from . import handles as H
 from ._core import InputError, core_module, sampler, schedules
 
@@ -186,7 +187,7 @@ class EchoGenSampler:
                                   on_scale=on_scale, decode=False, subject=features)
         info = {"schedule": schedule.describe(), "requested": f"{width}x{height}", "seed": int(seed),
                 "images": positive.batch_size}
-        print(f"[EchoGen] generated {positive.batch_size} x {schedule.describe()}"
+        log.info(f"EchoGen: generated {positive.batch_size} x {schedule.describe()}"
               + (" with a subject" if features is not None else ""))
         latent = H.LatentHandle(codes=result.summed_codes.float().cpu(), width=schedule.width, height=schedule.height,
                                 vae_bits=v.bits, info=info)

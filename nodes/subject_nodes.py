@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from . import comfy_bridge as bridge
+from .comfy_bridge import log
 from . import handles as H
 from ._core import InputError, core_module, subject as core_subject
 
@@ -109,7 +110,7 @@ class EchoGenSubjectSegmenter:
                 part.offload()
         label = "; ".join(f"{r.label} ({r.method})" for r in results)
         for r in results:
-            print(f"[EchoGen] subject: {r.message}")
+            log.info(f"EchoGen subject: {r.message}")
         return {"ui": {"text": [label]},
                 "result": (pils_to_image([r.image for r in results]), masks_to_tensor([r.mask for r in results]), label)}
 
