@@ -560,10 +560,10 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                             "backbone_params": count_params(echogen) - n_control, "bytes": weight_bytes(echogen)},
             "bsq_vae": {"label": spec.vae_label, "params": count_params(vae), "bytes": weight_bytes(vae)},
             "text_encoder": {"label": t5_label, "params": count_params(t5.model), "bytes": weight_bytes(t5.model)},
-            "dinov2": {"label": f"DINOv2 ViT (width {spec.dinov2().embed_dim}, depth {spec.dinov2().depth}) at {dino_size} px",
-                       "params": count_params(dinov2), "bytes": weight_bytes(dinov2)},
-            "content_vae": {"label": f"FLUX.1 VAE encoder (ch {spec.flux().ch}) at {crop} px", "params": count_params(flux),
-                            "bytes": weight_bytes(flux)},
+            "dinov2": {"label": f"DINOv2 ViT (width {dinov2.cfg.embed_dim}, depth {dinov2.cfg.depth}) at "
+                                f"{dino_size} px", "params": count_params(dinov2), "bytes": weight_bytes(dinov2)},
+            "content_vae": {"label": f"FLUX.1 VAE encoder (ch {flux.cfg.ch}) at {crop} px",
+                            "params": count_params(flux), "bytes": weight_bytes(flux)},
         },
         "reference": {"crop_px": crop, "dinov2_px": dino_size, "semantic_tokens": cfg.semantic_len,
                       "content_tokens": cfg.content_len},
@@ -653,7 +653,8 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
         "decode": gc_["decode_s"], "total": e2e["cpu_s"]["total_s"]}
     if cuda:
         enc_bytes = weight_bytes(t5.model) + weight_bytes(dinov2) + weight_bytes(flux)
-        peak = max(gen["peak_memory"]["conditions_and_scales"]["peak_bytes"], gen["peak_memory"].get("decode", {}).get("peak_bytes", 0))
+        peaks = gen["peak_memory"]
+        peak = max(peaks["conditions_and_scales"]["peak_bytes"], peaks.get("decode", {}).get("peak_bytes", 0))
         e2e["peak_memory"]["generate_with_encoders_offloaded_bytes (derived)"] = peak - enc_bytes
     e2e["generate"] = _public(gen)
     info["e2e"] = e2e
