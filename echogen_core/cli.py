@@ -336,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="segment references ahead of time; write triplets + official JSONL")
     add_prepare_arguments(p)
     p.set_defaults(func=run_prepare)
+    from .evaluate import add_eval_arguments, run_eval_command
+
+    p = sub.add_parser("eval", help="DreamBench: generate N images per subject and prompt, score DINO / CLIP-I / CLIP-T")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_command)
     return parser
 
 
