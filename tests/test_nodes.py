@@ -226,3 +226,44 @@ def test_subject_segmenter_node_with_a_user_mask(nodes):
     with pytest.raises(InputError, match="masks"):
         build(nodes, "EchoGenSubjectSegmenter", image=image.expand(3, -1, -1, -1), method="mask",
               subject_words="", crop="official", size=64, mask=mask.expand(2, -1, -1))
+
+
+def test_preview_shrinks_large_code_maps():
+    from echogen_core.sampler import preview
+
+    vae = micro_vae()
+    codes = torch.randn(2, 8, 64, 48)  # 1024x768: shrunk to 16x12 tokens before decoding
+    img = preview(vae, codes)
+    assert img.dtype == torch.uint8 and img.shape == (256, 192, 3)
+
+
+def test_sampler_progress_previews_and_cancel(nodes, monkeypatch):
+    """One progress step per scale with a decoded preview; a cancel between scales stops the run."""
+    import nodes.comfy_bridge as bridge
+
+    (model,) = build(nodes, "EchoGenModelLoader", model_name="infinity_tiny.pth")
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name="vae_tiny.pth")
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder="flan-t5-tiny")
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="a red cube")
+    updates = []
+    monkeypatch.setattr(bridge, "previews_enabled", lambda: True)
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, value, preview=None: updates.append((value, preview)))
+    build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=1, batch_size=1)
+    assert [v for v, _ in updates] == list(range(1, 8))  # 7 scales at 256 px
+    assert all(p.size == (256, 256) for _, p in updates)  # codes live on the final 16x16 grid at every scale
+    assert len({p.tobytes() for _, p in updates}) > 1  # previews follow the image as it forms
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted()
+
+    monkeypatch.setattr(bridge, "check_interrupt", interrupt)
+    with pytest.raises(Interrupted):
+        build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=1, batch_size=1)
+    assert len(calls) == 3  # stopped right after the third scale
