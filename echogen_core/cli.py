@@ -341,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="DreamBench: generate N images per subject and prompt, score DINO / CLIP-I / CLIP-T")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_command)
+    from .demo import add_demo_arguments, run_demo
+
+    p = sub.add_parser("demo", help="the bundled CPU model: segment a reference, inject it, generate, contact sheet")
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
     return parser
 
 
