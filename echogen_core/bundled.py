@@ -1,0 +1,365 @@
+"""The bundled default model: tiny versions of every component, trained on the synthetic world (world.py)
+with the pack's own training pipeline, small enough to ship in the repository and run on any CPU.
+
+Files (``echogen_core/bundled_model/``, all safetensors in the official layouts, read by the normal loaders):
+
+  vae.safetensors            BSQ VAE (stride 8, 8 bits, 2x2 patchify like Infinity-8B's tokenizer)  load_vae
+  infinity.safetensors       Infinity transformer (text-to-image)                                    load_infinity
+  adapter.safetensors        EchoGen injection ('control' weights) over infinity.safetensors         load_echogen(adapter=)
+  text_encoder/              flan-t5-style encoder + T5 tokenizer (Hugging Face folder)              T5TextEncoder.from_folder
+  dinov2.safetensors         DINOv2-style ViT/14 (torch-hub names)                                   load_dinov2
+  flux_vae.safetensors       FLUX.1-style VAE encoder (BFL ae.safetensors names, encoder only)       load_flux_vae_encoder
+  MANIFEST.json              the recipe, seeds, timings and sha256 of every file
+
+What is trained and what is not (honestly):
+  * trained from scratch with ``python -m echogen_core train``: the BSQ VAE (stage tokenizer), the Infinity
+    transformer (stage backbone, text-to-image on the world's target scenes) and EchoGen's injection (stage
+    echogen, backbone frozen, only 'control' weights trained);
+  * fixed random encoders (never trained, seeded): the text encoder's weights (its *tokenizer* is a real
+    unigram vocabulary built on the world's prompts plus an English corpus), DINOv2 and the FLUX VAE
+    encoder. Random deep features still separate what the world distinguishes (colours, patterns, words:
+    a random projection keeps them apart), and the trained transformer learns to read them; they carry no
+    pretrained semantics, so the bundled model only knows this world.
+
+Reproduce (about 40 minutes of CPU time on 2 cores; see MANIFEST.json for the measured times)::
+
+    python -m echogen_core.bundled build --work /tmp/echogen_bundle --threads 2
+
+``--threads`` limits torch (and OpenMP) to that many threads in every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+BUNDLE_DIR = Path(__file__).resolve().parent / "bundled_model"
+FILES = {
+    "vae": "vae.safetensors",
+    "backbone": "infinity.safetensors",
+    "adapter": "adapter.safetensors",
+    "text_encoder": "text_encoder",
+    "dinov2": "dinov2.safetensors",
+    "content_vae": "flux_vae.safetensors",
+}
+MANIFEST = "MANIFEST.json"
+
+SEED = 0
+# The recipe. Everything the command does is a function of these values.
+RECIPE = {
+    "world": {"seed": SEED, "n_train_subjects": 600, "n_heldout_subjects": 40, "scenes_per_subject": 6},
+    "text_encoder": {"d_model": 64, "vocab_size": 512, "seed": SEED},
+    "dinov2": {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 56, "seed": SEED},
+    "content_vae": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "seed": SEED},
+    "tokenizer": {"config": {"codebook_dim": 8, "patch_size": 8, "base_ch": 16, "ch_mult": [1, 1, 2, 2],
+                             "num_res_blocks": 1, "norm_groups": 16},
+                  "args": ["--steps", "800", "--batch-size", "16", "--lr", "0.032"]},
+    "backbone": {"config": {"depth": 4, "width": 128, "num_heads": 2, "mlp_hidden": 512, "bits": 32,
+                            "text_maxlen": 32, "pool_heads": 1, "block_chunks": 4},
+                 "args": ["--steps", "2000", "--batch-size", "32", "--lr", "0.01"]},
+    "echogen": {"reference_size": 64,
+                "args": ["--steps", "1200", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
+    "common": ["--size", "0.06M", "--num-scales", "3", "--ratio", "1.0", "--workers", "0", "--cache-features",
+               "--log-every", "50", "--save-every", "500", "--seed", str(SEED), "--device", "cpu"],
+}
+
+
+# Sampling settings of the bundled model (demo and benchmark).
+SAMPLING = {"cfg": 3.0, "subject_cfg": 3.0, "tau": 1.0, "top_k": 0, "top_p": 0.97}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the bundled files are
+
+
+def bundled_paths(folder=None) -> dict:
+    """{component: path} of the bundled model (whether or not the files exist yet): vae, backbone, adapter,
+    text_encoder (a folder), dinov2, content_vae."""
+    base = Path(folder) if folder is not None else BUNDLE_DIR
+    return {k: str(base / v) for k, v in FILES.items()}
+
+
+def bundled_available(folder=None) -> bool:
+    """True when every bundled file is present (the text encoder folder with its weights and tokenizer)."""
+    paths = bundled_paths(folder)
+    for key, p in paths.items():
+        p = Path(p)
+        if key == "text_encoder":
+            if not ((p / "config.json").is_file() and any((p / n).is_file() for n in ("model.safetensors", "pytorch_model.bin"))):
+                return False
+        elif not p.is_file():
+            return False
+    return True
+
+
+def load_bundled(device="cpu", folder=None) -> dict:
+    """Every bundled component through the normal loaders: model (EchoGen = backbone + adapter), backbone
+    (plain Infinity), vae, text_encoder, dinov2, content_encoder."""
+    from .checkpoint import load_echogen, load_infinity, load_vae
+    from .dinov2 import load_dinov2
+    from .errors import CheckpointError
+    from .flux_vae import load_flux_vae_encoder
+    from .text_encoder import T5TextEncoder
+
+    if not bundled_available(folder):
+        raise CheckpointError(f"The bundled model is not in {folder or BUNDLE_DIR}; build it with "
+                              "`python -m echogen_core.bundled build`.")
+    p = bundled_paths(folder)
+    return {
+        "model": load_echogen(p["backbone"], adapter=p["adapter"], device=device, dtype=None),
+        "backbone": load_infinity(p["backbone"], device=device),
+        "vae": load_vae(p["vae"], device=device),
+        "text_encoder": T5TextEncoder.from_folder(p["text_encoder"], device=device, dtype="float32"),
+        "dinov2": load_dinov2(p["dinov2"], device=device),
+        "content_encoder": load_flux_vae_encoder(p["content_vae"], device=device),
+    }
+
+
+def world_schedule():
+    """The bundled model's schedule: 64 x 64, the first 3 scales of the 1:1 template."""
+    from .data import training_schedule
+    from .world import NUM_SCALES
+
+    return training_schedule(1.0, "0.06M", NUM_SCALES)
+
+
+def generate_world(parts: dict, prompts, subject=None, seed: int = 0, sampling: Optional[dict] = None,
+                   model: str = "model") -> list:
+    """PIL images for `prompts` with the bundled model: EchoGen with `subject` (SubjectFeatures, one for all
+    prompts or one each), EchoGen without a subject (subject None), or the plain backbone (model="backbone").
+    Image i uses seed + i."""
+    from PIL import Image
+
+    from .sampler import SamplerSettings, generate, to_uint8
+
+    settings = SamplerSettings(**{**SAMPLING, **(sampling or {})})
+    text = parts["text_encoder"].encode(list(prompts))
+    result = generate(parts[model], parts["vae"], text, world_schedule(), settings, seed=seed, subject=subject)
+    return [Image.fromarray(a) for a in to_uint8(result.images).cpu().numpy()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fixed random encoders
+
+
+def build_text_encoder(folder, recipe: dict = RECIPE) -> Path:
+    from . import world
+    from .text_encoder import build_tiny_t5
+
+    r = recipe["text_encoder"]
+    return build_tiny_t5(folder, d_model=r["d_model"], vocab_corpus=world.vocabulary_corpus(), seed=r["seed"],
+                         vocab_size=r["vocab_size"])
+
+
+def build_dinov2(path, recipe: dict = RECIPE) -> Path:
+    """A DINOv2-layout ViT with fixed random weights (PyTorch's default init for the layers; CLS and the
+    position table N(0, 0.1) so tokens know where they are)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .dinov2 import Dinov2, Dinov2Config
+
+    r = recipe["dinov2"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r["seed"])
+        model = Dinov2(Dinov2Config.tiny(embed_dim=r["embed_dim"], depth=r["depth"], num_heads=r["num_heads"],
+                                         img_size=r["img_size"]))
+        with torch.no_grad():
+            model.cls_token.normal_(0, 0.1)
+            model.pos_embed.normal_(0, 0.1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"format": "pt", "echogen.family": "dinov2", "echogen.note": "fixed random"})
+    return Path(path)
+
+
+def build_content_vae(path, recipe: dict = RECIPE) -> Path:
+    """A FLUX.1-layout VAE encoder (16 latent channels, 8x down) with fixed random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .flux_vae import FluxVAEConfig, FluxVAEEncoder
+
+    r = recipe["content_vae"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r["seed"])
+        model = FluxVAEEncoder(FluxVAEConfig.tiny(ch=r["ch"], ch_mult=tuple(r["ch_mult"]),
+                                                  num_res_blocks=r["num_res_blocks"]))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"format": "pt", "echogen.family": "flux_vae_encoder", "echogen.note": "fixed random"})
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(folder) -> dict:
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[str(p.relative_to(folder))] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    return out
+
+
+class StageTimer:
+    """Wall and CPU seconds (this process + finished children) of each stage."""
+
+    def __init__(self):
+        self.stages: dict = {}
+
+    @staticmethod
+    def _cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0, c0 = time.time(), self._cpu()
+        print(f"== {name}", flush=True)
+        result = fn(*args, **kwargs)
+        self.stages[name] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(self._cpu() - c0, 1)}
+        print(f"== {name}: {self.stages[name]['wall_s']} s wall, {self.stages[name]['cpu_s']} s CPU", flush=True)
+        return result
+
+    def total(self) -> dict:
+        return {"wall_s": round(sum(v["wall_s"] for v in self.stages.values()), 1),
+                "cpu_s": round(sum(v["cpu_s"] for v in self.stages.values()), 1)}
+
+
+def train_command(stage: str, data, out, work: Path, recipe: dict = RECIPE) -> list:
+    """The exact `python -m echogen_core train` command line of a stage."""
+    enc = work / "encoders"
+    cmd = [sys.executable, "-m", "echogen_core", "train", "--stage", stage, "--data", str(data), "--out", str(out)]
+    if stage == "tokenizer":
+        cmd += ["--config", json.dumps(recipe["tokenizer"]["config"]),
+                "--export", str(Path(out) / FILES["vae"])]
+    elif stage == "backbone":
+        cmd += ["--config", json.dumps(recipe["backbone"]["config"]), "--vae", str(work / "tokenizer" / FILES["vae"]),
+                "--text-encoder", str(enc / FILES["text_encoder"]), "--export", str(Path(out) / FILES["backbone"])]
+    else:
+        cmd += ["--backbone", str(work / "backbone" / FILES["backbone"]), "--vae", str(work / "tokenizer" / FILES["vae"]),
+                "--text-encoder", str(enc / FILES["text_encoder"]), "--dinov2", str(enc / FILES["dinov2"]),
+                "--content-vae", str(enc / FILES["content_vae"]),
+                "--reference-size", str(recipe["echogen"]["reference_size"]),
+                "--export", str(Path(out) / FILES["adapter"])]
+    return cmd + list(recipe[stage]["args"]) + list(recipe["common"])
+
+
+def _run(cmd: list, threads: int, log: Path):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    with open(log, "a", encoding="utf-8") as fh:
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage failed (exit {proc.returncode}); see {log}")
+
+
+def write_world(work: Path, recipe: dict = RECIPE) -> Path:
+    from . import world
+
+    r = recipe["world"]
+    data = work / "world_train"
+    done = data / ".complete"
+    if done.is_file():
+        return data
+    train, _ = world.split_subjects(r["seed"], r["n_train_subjects"], r["n_heldout_subjects"])
+    world.write_triplets(data, world.examples(train, r["scenes_per_subject"], r["seed"], "train"), r["seed"],
+                         photos=False)
+    done.write_text("ok")
+    return data
+
+
+def build(work, threads: int = 2, out=None, stages=("world", "encoders", "tokenizer", "backbone", "echogen"),
+          recipe: dict = RECIPE) -> dict:
+    """Run the whole recipe in `work`, then copy the results into `out` (default: the bundled folder)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out is not None else BUNDLE_DIR
+    timer = StageTimer()
+    log = work / "train.log"
+    data = work / "world_train"
+    enc = work / "encoders"
+    if "world" in stages:
+        data = timer.run("world", write_world, work, recipe)
+    if "encoders" in stages:
+        def encoders():
+            enc.mkdir(parents=True, exist_ok=True)
+            build_text_encoder(enc / FILES["text_encoder"], recipe)
+            build_dinov2(enc / FILES["dinov2"], recipe)
+            build_content_vae(enc / FILES["content_vae"], recipe)
+        timer.run("encoders", encoders)
+    for stage in ("tokenizer", "backbone", "echogen"):
+        if stage in stages:
+            timer.run(stage, _run, train_command(stage, data, work / stage, work, recipe), threads, log)
+    out.mkdir(parents=True, exist_ok=True)
+    copies = {"vae": work / "tokenizer" / FILES["vae"], "backbone": work / "backbone" / FILES["backbone"],
+              "adapter": work / "echogen" / FILES["adapter"], "dinov2": enc / FILES["dinov2"],
+              "content_vae": enc / FILES["content_vae"]}
+    for key, src in copies.items():
+        if src.is_file():
+            shutil.copy2(src, out / FILES[key])
+    if (enc / FILES["text_encoder"]).is_dir():
+        shutil.rmtree(out / FILES["text_encoder"], ignore_errors=True)
+        shutil.copytree(enc / FILES["text_encoder"], out / FILES["text_encoder"])
+    manifest = {
+        "reproduce": f"python -m echogen_core.bundled build --work WORKDIR --threads {threads}",
+        "recipe": recipe,
+        "commands": {s: " ".join(["python"] + train_command(s, "WORKDIR/world_train", f"WORKDIR/{s}",
+                                                          Path("WORKDIR"), recipe)[1:])
+                     for s in ("tokenizer", "backbone", "echogen")},
+        "trained": ["vae (tokenizer stage)", "infinity (backbone stage)", "adapter (echogen stage)"],
+        "fixed_random": ["text_encoder weights (tokenizer vocabulary is built on the world's prompts)", "dinov2",
+                         "flux_vae encoder"],
+        "timings": {"threads": threads, "stages": timer.stages, "total": timer.total(),
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"},
+        "files": file_hashes(out),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    print(json.dumps(manifest["timings"], indent=1))
+    return manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m echogen_core.bundled", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="reproduce the bundled model (world data, encoders, three training stages)")
+    b.add_argument("--work", required=True, help="scratch folder (data, checkpoints, logs); runs resume from it")
+    b.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every stage")
+    b.add_argument("--out", default=None, help=f"where the files go (default {BUNDLE_DIR})")
+    b.add_argument("--stages", default="world,encoders,tokenizer,backbone,echogen")
+    h = sub.add_parser("hashes", help="check the bundled files against MANIFEST.json")
+    h.add_argument("--folder", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "build":
+        build(args.work, args.threads, args.out, tuple(args.stages.split(",")))
+        return 0
+    folder = Path(args.folder) if args.folder else BUNDLE_DIR
+    manifest = json.loads((folder / MANIFEST).read_text())
+    bad = [k for k, v in manifest["files"].items() if _sha256(folder / k) != v["sha256"]]
+    print("all files match" if not bad else f"mismatch: {bad}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
