@@ -319,6 +319,27 @@ def _import_transformers():
     return transformers
 
 
+def _load_hf_model(cls, folder, flag: str, example: str, **kwargs):
+    """from_pretrained from a local folder in fp32, refusing a folder that lacks weights (transformers would fill
+    them with random values and only log it, which would give meaningless scores)."""
+    import torch
+
+    transformers = _import_transformers()
+    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_key = "dtype" if version >= (4, 56) else "torch_dtype"  # renamed in 4.56; 5.x warns on the old name
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                          **{dtype_key: torch.float32}, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+        raise InputError(f"{flag} {folder}: cannot load the weights ({type(e).__name__}: {e}). Give a complete "
+                         f"{example} folder (config.json and model.safetensors or pytorch_model.bin).") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise InputError(f"{flag} {folder}: the weights lack {len(missing)} tensor(s), e.g. {missing[:4]}; the "
+                         f"download is incomplete or not {example}.")
+    return model.eval()
+
+
 def _read_hf_config(folder, flag: str, want: str, example: str) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
@@ -334,25 +355,41 @@ def _read_hf_config(folder, flag: str, want: str, example: str) -> dict:
     return cfg
 
 
+DINO_VITS16 = dict(hidden_size=384, patch_size=16, num_hidden_layers=12, num_attention_heads=6, image_size=224)
+CLIP_B32_VISION = dict(hidden_size=768, patch_size=32, num_hidden_layers=12, image_size=224)
+CLIP_B32_TEXT = dict(hidden_size=512, num_hidden_layers=12)
+
+
+def dino_is_reference(config) -> bool:
+    """Whether a transformers ViTConfig has the geometry of DINO ViT-S/16 (the weights themselves cannot be told)."""
+    return all(getattr(config, k, None) == v for k, v in DINO_VITS16.items())
+
+
+def clip_is_reference(config) -> bool:
+    """Whether a transformers CLIPConfig has the geometry of CLIP ViT-B/32."""
+    return (all(getattr(config.vision_config, k, None) == v for k, v in CLIP_B32_VISION.items())
+            and all(getattr(config.text_config, k, None) == v for k, v in CLIP_B32_TEXT.items())
+            and getattr(config, "projection_dim", None) == 512)
+
+
 class DinoViTEmbedder(ImageEmbedder):
     """DINO ViT (facebook/dino-vits16 in Hugging Face layout, transformers ViTModel): CLS token after the final
     LayerNorm. Input: shorter side to 256/224 of the crop (bicubic), centre crop, ImageNet normalisation."""
 
-    REFERENCE = dict(hidden_size=384, patch_size=16, num_hidden_layers=12, num_attention_heads=6, image_size=224)
-
     def __init__(self, folder, device="cpu"):
         import torch
 
-        cfg = _read_hf_config(folder, "--dino", "vit", "facebook/dino-vits16")
+        _read_hf_config(folder, "--dino", "vit", "facebook/dino-vits16")
         transformers = _import_transformers()
-        self.model = transformers.ViTModel.from_pretrained(str(folder), add_pooling_layer=False,
-                                                           torch_dtype=torch.float32).to(device).eval()
+        self.model = _load_hf_model(transformers.ViTModel, folder, "--dino", "facebook/dino-vits16",
+                                    add_pooling_layer=False).to(device)
         self.device = torch.device(device)
-        self.crop = int(cfg.get("image_size", 224))
+        mc = self.model.config
+        self.crop = int(mc.image_size)
         self.resize = int(round(self.crop * 256 / 224))
-        is_ref = all(cfg.get(k) == v for k, v in self.REFERENCE.items())
+        is_ref = dino_is_reference(mc)
         self.info = BackboneInfo(
-            name="DINO ViT-S/16" if is_ref else f"DINO ViT (width {cfg.get('hidden_size')}, patch {cfg.get('patch_size')})",
+            name="DINO ViT-S/16" if is_ref else f"DINO ViT (width {mc.hidden_size}, patch {mc.patch_size})",
             source=str(folder), standin=False, comparable=is_ref,
             note="" if is_ref else "not the ViT-S/16 geometry the paper uses: not comparable")
 
@@ -369,27 +406,22 @@ class ClipEmbedder(ImageEmbedder):
     text embeddings. Images: shorter side to the crop (bicubic), centre crop, CLIP normalisation. Texts: the
     folder's tokenizer, truncated to the text model's positions."""
 
-    REFERENCE_VISION = dict(hidden_size=768, patch_size=32, num_hidden_layers=12, image_size=224)
-    REFERENCE_TEXT = dict(hidden_size=512, num_hidden_layers=12)
-
     def __init__(self, folder, device="cpu"):
         import torch
 
-        cfg = _read_hf_config(folder, "--clip", "clip", "openai/clip-vit-base-patch32")
+        _read_hf_config(folder, "--clip", "clip", "openai/clip-vit-base-patch32")
         transformers = _import_transformers()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise InputError(f"--clip {folder}: the tokenizer files (vocab.json + merges.txt or tokenizer.json) "
                              f"could not be read ({e}).") from None
-        self.model = transformers.CLIPModel.from_pretrained(str(folder), torch_dtype=torch.float32).to(device).eval()
+        self.model = _load_hf_model(transformers.CLIPModel, folder, "--clip", "openai/clip-vit-base-patch32").to(device)
         self.device = torch.device(device)
         mc = self.model.config
         self.crop = int(mc.vision_config.image_size)
         self.max_len = int(mc.text_config.max_position_embeddings)
-        is_ref = (all(getattr(mc.vision_config, k) == v for k, v in self.REFERENCE_VISION.items())
-                  and all(getattr(mc.text_config, k) == v for k, v in self.REFERENCE_TEXT.items())
-                  and mc.projection_dim == 512)
+        is_ref = clip_is_reference(mc)
         self.info = BackboneInfo(
             name="CLIP ViT-B/32" if is_ref else (f"CLIP (vision width {mc.vision_config.hidden_size}, patch "
                                                  f"{mc.vision_config.patch_size})"),
@@ -592,6 +624,16 @@ def _file_id(path) -> Optional[dict]:
     return info
 
 
+def generation_files(model, vae, text_encoder, dinov2=None, content_vae=None, backbone=None, adapter=None,
+                     no_subject: bool = False) -> dict:
+    """Names and sizes of the files that decide the images (the subject encoders only when a subject is used)."""
+    files = {"model": _file_id(model), "backbone": _file_id(backbone), "adapter": _file_id(adapter),
+             "vae": _file_id(vae), "text_encoder": _file_id(text_encoder)}
+    if not no_subject:
+        files.update(dinov2=_file_id(dinov2), content_vae=_file_id(content_vae))
+    return files
+
+
 def load_eval_models(model, vae, text_encoder, dinov2=None, content_vae=None, backbone=None, adapter=None,
                      device="cpu", dtype=None, no_subject: bool = False, label: Optional[str] = None) -> EvalModels:
     from .checkpoint import load_transformer, load_vae
@@ -620,9 +662,7 @@ def load_eval_models(model, vae, text_encoder, dinov2=None, content_vae=None, ba
 
         content = load_flux_vae_encoder(content_vae, device=device)
     name = label or transformer.cfg.preset_name() or Path(model).stem
-    files = {"model": _file_id(model), "backbone": _file_id(backbone), "adapter": _file_id(adapter),
-             "vae": _file_id(vae), "text_encoder": _file_id(text_encoder), "dinov2": _file_id(dinov2),
-             "content_vae": _file_id(content_vae)}
+    files = generation_files(model, vae, text_encoder, dinov2, content_vae, backbone, adapter, no_subject)
     return EvalModels(model=transformer, vae=load_vae(vae, device=device), text_encoder=encoder, dinov2=d2,
                       content_encoder=content, label=name, files=files, device=str(device))
 
@@ -730,8 +770,25 @@ def load_index(out: Path) -> Optional[dict]:
     return data
 
 
-def _settings_mismatch(old: dict, new: dict) -> list:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+def settings_mismatch(old: dict, new: dict, prefix: str = "") -> list:
+    """['seed: 0 -> 1', 'files.model.bytes: 10 -> 12', ...]: what differs between two settings dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_mismatch(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resumable(index: Optional[dict], settings: dict, out) -> None:
+    if index is None:
+        return
+    diff = settings_mismatch(index["settings"], settings)
+    if diff:
+        raise InputError(f"{out} holds images made with other settings ({'; '.join(diff)}). Use a new --out, "
+                         "or --overwrite to start that folder afresh with the new settings.")
 
 
 def load_segmenters(method: str, grounding_dino=None, sam=None, salient_model=None, device="cpu") -> dict:
@@ -772,7 +829,7 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                         n: int, out, models: EvalModels, settings: EvalSettings, batch: int = 4,
                         segmenters: Optional[dict] = None, overwrite: bool = False, log=None) -> dict:
     """Generate the missing images of the selection into `out` and keep index.json up to date. Returns the index."""
-    import torch
+    from PIL import Image
 
     from .sampler import SamplerSettings, generate, to_uint8
     from .schedules import get_schedule
@@ -790,11 +847,8 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                          f"{models.model.cfg.num_levels}; use a smaller --size.")
     resolved = {**settings.to_dict(), "size": size, "files": models.files}
     index = load_index(out)
-    if index is not None and not overwrite:
-        diff = _settings_mismatch(index["settings"], resolved)
-        if diff:
-            raise InputError(f"{out} holds images made with other settings ({'; '.join(diff)}). Use a new --out, "
-                             "or --overwrite to regenerate the selected images with the new settings.")
+    if not overwrite:
+        check_resumable(index, resolved, out)
     if index is not None and overwrite:
         # Start afresh: remove what the old index says this folder holds (only our own outputs), so no image
         # made with other settings is later mistaken for a finished one.
@@ -823,9 +877,14 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
     log(f"DreamBench: {len(subjects)} subjects x {len(prompt_indices)} prompts x {n} images = {total} images, "
         f"{schedule.describe()}; {models.label} on {device}")
 
+    if not settings.no_subject:
+        for subject in subjects:
+            if not 0 <= settings.reference < len(subject.images):
+                raise InputError(f"--reference {settings.reference}: subject '{subject.name}' has "
+                                 f"{len(subject.images)} photos (0-{len(subject.images) - 1}).")
+    pending_by_subject = {}
     for subject in subjects:
-        templates = bench.templates(subject)
-        valid = [p for p in prompt_indices if p < len(templates)]
+        valid = [p for p in prompt_indices if p < len(bench.templates(subject))]
         pending = []
         for k in range(n):
             for p in valid:
@@ -836,6 +895,13 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                         index["images"][rel] = _image_entry(bench, subject, p, k, settings.seed, n_subjects, n_prompts)
                     continue
                 pending.append((k, p))
+        pending_by_subject[subject.name] = pending
+    to_make = sum(len(v) for v in pending_by_subject.values())
+    if run["skipped"]:
+        log(f"{run['skipped']} images already present: skipped; {to_make} to generate")
+    done = 0
+    for subject in subjects:
+        pending = pending_by_subject[subject.name]
         if not pending:
             continue
         entry = index["subjects"].setdefault(subject.name, {})
@@ -843,9 +909,6 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                       "real_images": [str(p.relative_to(bench.root)) for p in subject.images]})
         features = None
         if not settings.no_subject:
-            if not 0 <= settings.reference < len(subject.images):
-                raise InputError(f"--reference {settings.reference}: subject '{subject.name}' has "
-                                 f"{len(subject.images)} photos (0-{len(subject.images) - 1}).")
             ref_path = subject.images[settings.reference]
             crop, _ = reference_geometry(models.model.cfg)
             t0 = time.perf_counter()
@@ -869,15 +932,16 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                 prompts = [bench.prompt(subject, p) for p in chunk]
                 seed = image_seed(settings.seed, subject.index, chunk[0], k, n_subjects, n_prompts)
                 t0 = time.perf_counter()
-                text = models.text_encoder.encode(prompts)
+                text, cut = fit_text(models.text_encoder.encode(prompts), models.model.cfg.text_maxlen)
+                if cut:
+                    log(f"  note: prompts {chunk[0]}-{chunk[-1]} cut to the model's {models.model.cfg.text_maxlen} "
+                        "text tokens")
                 _sync(device)
                 t1 = time.perf_counter()
                 result = generate(models.model, models.vae, text, schedule, sampler_settings, seed=seed,
                                   subject=features)
                 images = to_uint8(result.images).cpu().numpy()
                 t2 = time.perf_counter()
-                from PIL import Image
-
                 for p, arr in zip(chunk, images):
                     rel = image_relpath(subject.name, p, k)
                     save_png(Image.fromarray(arr), out / rel)
@@ -887,12 +951,25 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
                 run["generated"] += len(chunk)
                 run["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
                 write_json(out / "index.json", index)
-                log(f"  k={k} prompts {chunk[0]}-{chunk[-1]}: {len(chunk)} images in {t2 - t0:.2f} s")
+                done += len(chunk)
+                log(f"  [{done}/{to_make}] {subject.name} k={k} prompts {chunk[0]}-{chunk[-1]}: "
+                    f"{len(chunk)} images in {t2 - t0:.2f} s")
         del features
     run["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     write_json(out / "index.json", index)
     log(f"generated {run['generated']} images, skipped {run['skipped']} already present")
     return index
+
+
+def fit_text(text, max_len: int):
+    """Keep at most `max_len` tokens per prompt (the model's learned empty prompt, and the official tokenizer's
+    max_length, are that long; only small custom models have fewer than 512). Returns (text, whether cut)."""
+    from .text_encoder import TextConditioning
+
+    if int(text.lengths.max()) <= max_len:
+        return text, False
+    return TextConditioning(features=text.features[:, :max_len].contiguous(),
+                            lengths=text.lengths.clamp(max=max_len)), True
 
 
 def _image_entry(bench, subject, p, k, base_seed, n_subjects, n_prompts) -> dict:
@@ -962,7 +1039,8 @@ def format_table(results: dict) -> str:
     else:
         lines.append("* stand-in or non-reference metric backbone: NOT comparable with the paper's figures")
         for k in names:
-            tag = "" if b[k]["comparable"] else (" [stand-in]" if b[k]["standin"] else " [not comparable]")
+            tag = ("" if b[k]["comparable"] or b[k]["name"] == "unavailable"
+                   else " [stand-in]" if b[k]["standin"] else " [not comparable]")
             note = f" ({b[k]['note']})" if b[k]["note"] else ""
             lines.append(f"  {names[k]} <- {b[k]['name']}{tag}{note}")
     mach = results["machine"]
@@ -1123,6 +1201,11 @@ def run_eval_command(args) -> int:
         if missing:
             raise InputError(f"Generation needs {', '.join(missing)} (or pass --score-only to score the images "
                              f"already in {out}).")
+        if index is not None and not args.overwrite:  # fail before gigabytes load; size 'auto' is checked later
+            files = generation_files(args.model, args.vae, args.text_encoder, args.dinov2, args.content_vae,
+                                     args.backbone, args.adapter, args.no_subject)
+            size = index["settings"].get("size") if args.size == "auto" else args.size
+            check_resumable(index, {**settings.to_dict(), "size": size, "files": files}, out)
         t0 = time.time()
         models = load_eval_models(args.model, args.vae, args.text_encoder, dinov2=args.dinov2,
                                   content_vae=args.content_vae, backbone=args.backbone, adapter=args.adapter,
