@@ -62,7 +62,7 @@ RECIPE = {
     "content_vae": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "seed": SEED},
     "tokenizer": {"config": {"codebook_dim": 8, "patch_size": 8, "base_ch": 16, "ch_mult": [1, 1, 2, 2],
                              "num_res_blocks": 1, "norm_groups": 16},
-                  "args": ["--steps", "800", "--batch-size", "16", "--lr", "0.032"]},
+                  "args": ["--steps", "2000", "--batch-size", "16", "--lr", "0.032"]},
     "backbone": {"config": {"depth": 4, "width": 128, "num_heads": 2, "mlp_hidden": 512, "bits": 32,
                             "text_maxlen": 32, "pool_heads": 1, "block_chunks": 4},
                  "args": ["--steps", "2000", "--batch-size", "32", "--lr", "0.01"]},
@@ -316,22 +316,36 @@ def build(work, threads: int = 2, out=None, stages=("world", "encoders", "tokeni
     copies = {"vae": work / "tokenizer" / FILES["vae"], "backbone": work / "backbone" / FILES["backbone"],
               "adapter": work / "echogen" / FILES["adapter"], "dinov2": enc / FILES["dinov2"],
               "content_vae": enc / FILES["content_vae"]}
+    from .checkpoint import convert
+
     for key, src in copies.items():
-        if src.is_file():
+        if not src.is_file():
+            continue
+        if key in ("backbone", "adapter"):
+            # transformer block weights in fp16 (the rest fp32), as `python -m echogen_core convert --dtype fp16`
+            convert(src, out / FILES[key], dtype=torch.float16)
+        else:
             shutil.copy2(src, out / FILES[key])
     if (enc / FILES["text_encoder"]).is_dir():
         shutil.rmtree(out / FILES["text_encoder"], ignore_errors=True)
         shutil.copytree(enc / FILES["text_encoder"], out / FILES["text_encoder"])
+    # Timings of every stage ever run in this work folder (a resumed or partial build keeps the earlier ones).
+    timings_file = work / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    timings.update(timer.stages)
+    timings_file.write_text(json.dumps(timings, indent=1))
+    total = {k: round(sum(v[k] for v in timings.values()), 1) for k in ("wall_s", "cpu_s")}
     manifest = {
         "reproduce": f"python -m echogen_core.bundled build --work WORKDIR --threads {threads}",
         "recipe": recipe,
         "commands": {s: " ".join(["python"] + train_command(s, "WORKDIR/world_train", f"WORKDIR/{s}",
                                                           Path("WORKDIR"), recipe)[1:])
                      for s in ("tokenizer", "backbone", "echogen")},
+        "storage": "infinity and adapter: transformer blocks fp16, everything else fp32 (checkpoint.convert)",
         "trained": ["vae (tokenizer stage)", "infinity (backbone stage)", "adapter (echogen stage)"],
         "fixed_random": ["text_encoder weights (tokenizer vocabulary is built on the world's prompts)", "dinov2",
                          "flux_vae encoder"],
-        "timings": {"threads": threads, "stages": timer.stages, "total": timer.total(),
+        "timings": {"threads": threads, "stages": timings, "total": total,
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"},
         "files": file_hashes(out),
     }
