@@ -56,7 +56,8 @@ RESULTS_SCHEMA = "echogen-dreambench/1"
 LIVE_CLASSES = ("dog", "cat")              # the dataset README: "9 ... are live subjects (dogs and cats)"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_DREAMBENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "dreambench"
-SIZE_CHOICES = ("auto", "0.06M", "0.25M", "0.60M", "1M")
+SIZE_CHOICES = ("auto", "world", "0.06M", "0.25M", "0.60M", "1M")
+ECHOGEN_SAMPLING = {"cfg": 2.5, "subject_cfg": 2.5, "tau": 2.0}  # the released EchoGen defaults
 SEGMENT_CHOICES = ("auto", "grounding", "salient", "none")
 
 # The paper's Table 1 rows for EchoGen (specs/echogen.md 3.1; latency on an NVIDIA H20, batch 1).
@@ -635,7 +636,8 @@ def generation_files(model, vae, text_encoder, dinov2=None, content_vae=None, ba
 
 
 def load_eval_models(model, vae, text_encoder, dinov2=None, content_vae=None, backbone=None, adapter=None,
-                     device="cpu", dtype=None, no_subject: bool = False, label: Optional[str] = None) -> EvalModels:
+                     device="cpu", dtype=None, no_subject: bool = False, label: Optional[str] = None,
+                     text_dtype=None) -> EvalModels:
     from .checkpoint import load_transformer, load_vae
     from .text_encoder import T5TextEncoder
 
@@ -647,7 +649,7 @@ def load_eval_models(model, vae, text_encoder, dinov2=None, content_vae=None, ba
     if not no_subject and (dinov2 is None or content_vae is None):
         raise InputError("Subject-driven evaluation needs --dinov2 (dinov2_vitb14_pretrain.pth) and --content-vae "
                          "(FLUX.1 ae.safetensors); --no-subject runs the text-only baseline without them.")
-    encoder = T5TextEncoder.from_folder(text_encoder, device=device)
+    encoder = T5TextEncoder.from_folder(text_encoder, device=device, dtype=text_dtype)
     want = transformer.cfg.text_channels
     if encoder.channels != want:
         raise InputError(f"The text encoder in {text_encoder} gives {encoder.channels}-wide features but the model "
@@ -679,6 +681,19 @@ def native_size(model) -> str:
         return "1M"
     fitting = [s for s, n in SIZES.items() if n <= model.cfg.num_levels]
     return fitting[-1] if fitting else "0.06M"
+
+
+def resolve_schedule(size: str, model):
+    """(size name, square schedule): 'auto' is the model's own size; 'world' is the bundled model's 64 px,
+    3-scale schedule."""
+    from .schedules import get_schedule
+
+    if size == "world":
+        from .bundled import world_schedule
+
+        return size, world_schedule()
+    size = native_size(model) if size == "auto" else size
+    return size, get_schedule(1.0, size)
 
 
 @dataclass
@@ -832,7 +847,6 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
     from PIL import Image
 
     from .sampler import SamplerSettings, generate, to_uint8
-    from .schedules import get_schedule
     from .segmentation import prepare_subject
     from .subject import encode_subject, pil_to_reference, reference_geometry
 
@@ -840,8 +854,7 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
     out = Path(out)
     if n < 1 or batch < 1:
         raise InputError("--n and --batch must be at least 1.")
-    size = settings.size if settings.size != "auto" else native_size(models.model)
-    schedule = get_schedule(1.0, size)
+    size, schedule = resolve_schedule(settings.size, models.model)
     if schedule.num_scales > models.model.cfg.num_levels:
         raise InputError(f"--size {size} needs {schedule.num_scales} scales but the model has "
                          f"{models.model.cfg.num_levels}; use a smaller --size.")
@@ -1134,14 +1147,18 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dinov2", default=None, help="dinov2_vitb14_pretrain.pth or a facebook/dinov2-base folder")
     g.add_argument("--content-vae", default=None, help="FLUX.1 ae.safetensors or a diffusers vae/ folder")
     g.add_argument("--label", default=None, help="the method's name in the table (default: the model's preset name)")
+    g.add_argument("--bundled", action="store_true",
+                   help="the bundled CPU model (echogen_core/bundled_model): its files for every model option not "
+                        "given, its 64 px schedule (--size world) and its sampling defaults")
     g.add_argument("--no-subject", action="store_true",
                    help="text-only baseline: same prompts and seeds, no subject (plain Infinity works too)")
     g = p.add_argument_group("sampling")
     g.add_argument("--size", default="auto", choices=SIZE_CHOICES,
-                   help="square output: 0.06M=256px ... 1M=1024px; auto = the model's own (1024 for 2B, 256 for 0.1B)")
-    g.add_argument("--cfg", type=_floats, default=_floats("2.5"), help="gamma_t, or one per scale")
-    g.add_argument("--subject-cfg", type=_floats, default=_floats("2.5"), help="gamma_I, or one per scale")
-    g.add_argument("--tau", type=_floats, default=_floats("2.0"), help="temperature, or one per scale")
+                   help="square output: 0.06M=256px ... 1M=1024px; auto = the model's own (1024 for 2B, 256 for "
+                        "0.1B, the bundled model's 64 px 'world' schedule with --bundled)")
+    g.add_argument("--cfg", type=_floats, default=None, help="gamma_t, or one per scale (default 2.5)")
+    g.add_argument("--subject-cfg", type=_floats, default=None, help="gamma_I, or one per scale (default 2.5)")
+    g.add_argument("--tau", type=_floats, default=None, help="temperature, or one per scale (default 2.0)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.97)
     g.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt p of subject s uses "
@@ -1182,6 +1199,27 @@ def run_eval_command(args) -> int:
         raise InputError("--score-only and --generate-only exclude each other.")
     if args.n < 1 or args.batch < 1 or args.metric_batch < 1:
         raise InputError("--n, --batch and --metric-batch must be at least 1.")
+    text_dtype = None
+    sampling = dict(ECHOGEN_SAMPLING)
+    if args.bundled:
+        from . import bundled
+
+        paths = bundled.bundled_paths()
+        if args.model is None:  # the bundled EchoGen = its Infinity file + its adapter
+            args.model, args.adapter = paths["backbone"], args.adapter or paths["adapter"]
+        for key in ("vae", "text_encoder", "dinov2", "content_vae"):
+            if getattr(args, key) is None:
+                setattr(args, key, paths[key])
+        if not args.score_only and not bundled.bundled_available():
+            raise InputError(f"The bundled model is not in {bundled.BUNDLE_DIR}; build it with `python -m "
+                             "echogen_core.bundled build`, or give --model/--vae/... instead of --bundled.")
+        args.size = "world" if args.size == "auto" else args.size
+        args.label = args.label or "bundled EchoGen (CPU)"
+        sampling = {k: bundled.SAMPLING[k] for k in sampling}
+        text_dtype = "float32"
+    for key, value in sampling.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     bench = load_dreambench(args.dreambench)
     subjects = select_subjects(bench, args.subjects)
     prompt_indices = select_prompts(args.prompts, bench.prompts_per_subject)
@@ -1210,7 +1248,7 @@ def run_eval_command(args) -> int:
         models = load_eval_models(args.model, args.vae, args.text_encoder, dinov2=args.dinov2,
                                   content_vae=args.content_vae, backbone=args.backbone, adapter=args.adapter,
                                   device=device, dtype=_dtype(args.precision), no_subject=args.no_subject,
-                                  label=args.label)
+                                  label=args.label, text_dtype=text_dtype)
         print(f"models loaded in {time.time() - t0:.1f} s on {device}", file=sys.stderr)
         segmenters = {} if args.no_subject else load_segmenters(args.segment, args.grounding_dino, args.sam,
                                                                 args.salient_model, device)
