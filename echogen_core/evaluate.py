@@ -1237,8 +1237,8 @@ def run_eval_command(args) -> int:
         missing = [f for f, v in (("--model", args.model), ("--vae", args.vae), ("--text-encoder", args.text_encoder))
                    if v is None]
         if missing:
-            raise InputError(f"Generation needs {', '.join(missing)} (or pass --score-only to score the images "
-                             f"already in {out}).")
+            raise InputError(f"Generation needs {', '.join(missing)}; or pass --bundled for the bundled CPU model, "
+                             f"or --score-only to score the images already in {out}.")
         if index is not None and not args.overwrite:  # fail before gigabytes load; size 'auto' is checked later
             files = generation_files(args.model, args.vae, args.text_encoder, args.dinov2, args.content_vae,
                                      args.backbone, args.adapter, args.no_subject)
