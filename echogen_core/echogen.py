@@ -357,9 +357,11 @@ class EchoGen(Infinity):
         projection start at zero (so the backbone's output is unchanged except for the extra attention keys),
         and the AdaLN linears are copies of Infinity's shared AdaLN with zero bias.
 
-        Unlike the official code we do NOT also zero the content gate `sa.control_attn`: with the content
-        values and the gate both zero, every gradient of the content read is exactly zero and that path never
-        learns. Zero values alone already leave the output unchanged at step 0."""
+        Two deliberate differences from the official code, both keeping the output unchanged at step 0:
+        - the content gate `sa.control_attn` keeps its random init: with the content values and the gate both
+          zero, every gradient of the content read is exactly zero and that path never learns;
+        - only the value half of `sa.control_mat_kv` is zeroed: zero content keys are then cosine-normalised,
+          and the normalisation's gradient at a zero vector is ~1/eps (1e12), which blows up the first steps."""
         g = torch.Generator().manual_seed(seed)
         C = self.cfg.width
         std = (1 / (3 * C)) ** 0.5
@@ -369,7 +371,7 @@ class EchoGen(Infinity):
             elif "control" in name:
                 p.zero_()
         for b in self.blocks:
-            b.sa.control_mat_kv.weight.zero_()
+            b.sa.control_mat_kv.weight[C:].zero_()  # content values; keys stay random (see below)
             b.ca.control_mat_kv.weight.zero_()
             b.sa.control_scale_mul_1H11.fill_(torch.tensor(4.0).log().item())
             b.control_ca_norm.weight.fill_(1.0)

@@ -266,7 +266,9 @@ def test_init_from_backbone_keeps_gates_closed():
     # at initialisation the content read is closed and the subject's semantic keys carry zero values,
     # but the prepended token and the extra keys do change attention: outputs differ from Infinity's
     for b in model.blocks:
-        assert b.sa.control_mat_kv.weight.abs().sum() == 0 and b.ca.control_mat_kv.weight.abs().sum() == 0
+        C = model.cfg.width
+        assert b.sa.control_mat_kv.weight[C:].abs().sum() == 0 and b.ca.control_mat_kv.weight.abs().sum() == 0
+        assert b.sa.control_mat_kv.weight[:C].abs().min() > 0  # content keys: never normalise a zero vector
         assert b.sa.control_attn.weight.abs().sum() > 0  # the gate stays open to gradients
     torch.testing.assert_close(logits(model, subject), logits(model, other), rtol=0, atol=0)
 
@@ -297,6 +299,7 @@ def test_every_injection_path_learns_from_initialisation():
             if "control" in k and p.grad is not None:
                 p -= 0.5 * p.grad
     g = grads(model)
+    assert max(g.values()) < 1e4  # zero content keys would give ~5e11 here (cosine-normalising a zero vector)
     last = f"block_chunks.{len(model.block_chunks) - 1}."
     for key in ("sa.control_attn.weight", "control_ffn.fc1.weight", "control_ca.mat_q.weight"):
         live = [v for k, v in g.items() if k.endswith(key) and not (key.startswith("control_") and k.startswith(last))]
