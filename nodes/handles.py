@@ -26,6 +26,7 @@ LATENT = "ECHOGEN_LATENT"
 class ModelHandle:
     managed: Managed
     name: str
+    fixed_schedule: Optional[object] = None   # a model trained at one size only (the bundled 64 px model)
 
     @property
     def cfg(self):

@@ -8,6 +8,9 @@ from . import handles as H
 from ._core import InputError, checkpoint, core_module
 
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+# The small model shipped inside the pack (trained on a procedural world; runs in seconds on a CPU). Always
+# offered, so a workflow using it loads on every install; the only entry when no other file is installed.
+BUNDLED = "bundled: echogen-world-tiny"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NONE = "none"
 
@@ -18,9 +21,21 @@ def _dtype(precision: str, default=None):
     return _DTYPES.get(precision, default)
 
 
-def _choices(names: list[str], kind_hint: str) -> list[str]:
-    # An empty COMBO cannot be saved in a workflow; a placeholder explains where files go instead.
-    return names or [f"(put files in models/{kind_hint})"]
+def _choices(names: list[str]) -> list[str]:
+    return list(names) + [BUNDLED]
+
+
+def _path(kind: str, name: str, component: str):
+    """Full path of a dropdown entry; the bundled entry maps to the pack's own file for `component`."""
+    if name != BUNDLED:
+        return bridge.resolve(kind, name)
+    bundled = core_module("bundled")
+    if not bundled.bundled_available():
+        raise InputError("The bundled model's files are missing from this install (echogen_core/bundled_model); "
+                         "reinstall the pack, or rebuild them with `python -m echogen_core.bundled build`.")
+    from pathlib import Path
+
+    return Path(bundled.bundled_paths()[component])
 
 
 def _module_of(obj) -> torch.nn.Module | None:
@@ -48,10 +63,10 @@ class EchoGenModelLoader:
         files = bridge.list_files(bridge.MODEL_FOLDER)
         return {
             "required": {
-                "model_name": (_choices(files, "echogen"), {
+                "model_name": (_choices(files), {
                     "tooltip": "Transformer weights in models/echogen: infinity_2b_reg.pth, infinity_125M_256x256.pth, "
                                "the 8B shards' index, echogen_2b.pth, or a file converted by `python -m echogen_core "
-                               "convert`."}),
+                               "convert`. 'bundled: echogen-world-tiny' is the small CPU model shipped with the pack."}),
                 "precision": (PRECISIONS, {
                     "default": "auto",
                     "tooltip": "Compute dtype of the transformer blocks (embeddings, AdaLN and head stay fp32). "
@@ -70,15 +85,19 @@ class EchoGenModelLoader:
         }
 
     def load(self, model_name, precision="auto", backbone_name=NONE, adapter_name=NONE):
-        path = bridge.resolve(bridge.MODEL_FOLDER, model_name)
         backbone = bridge.resolve(bridge.MODEL_FOLDER, backbone_name) if backbone_name not in (None, NONE) else None
         adapter = bridge.resolve(bridge.MODEL_FOLDER, adapter_name) if adapter_name not in (None, NONE) else None
+        if model_name == BUNDLED:  # the bundled EchoGen: its Infinity backbone plus its adapter
+            path, adapter = _path(bridge.MODEL_FOLDER, model_name, "backbone"), _path(bridge.MODEL_FOLDER, model_name, "adapter")
+        else:
+            path = bridge.resolve(bridge.MODEL_FOLDER, model_name)
         device = bridge.load_device()
         dtype = _dtype(precision, checkpoint.default_dtype(device))
         model = checkpoint.load_transformer(path, backbone=backbone, adapter=adapter,
                                             device=bridge.offload_device("model"), dtype=dtype)
         label = " + ".join(p.name for p in (path, backbone, adapter) if p is not None)
-        return (H.ModelHandle(manage(model, "model", label), label),)
+        fixed = core_module("bundled").world_schedule() if model_name == BUNDLED else None
+        return (H.ModelHandle(manage(model, "model", label), label, fixed_schedule=fixed),)
 
 
 class EchoGenVAELoader:
@@ -91,12 +110,12 @@ class EchoGenVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (_choices(bridge.list_files(bridge.MODEL_FOLDER), "echogen"), {
+        return {"required": {"vae_name": (_choices(bridge.list_files(bridge.MODEL_FOLDER)), {
             "tooltip": "infinity_vae_d32reg.pth (2B, 125M, EchoGen) or infinity_vae_d56_f8_14_patchify.pth (8B), "
                        "in models/echogen."})}}
 
     def load(self, vae_name):
-        path = bridge.resolve(bridge.MODEL_FOLDER, vae_name)
+        path = _path(bridge.MODEL_FOLDER, vae_name, "vae")
         vae = checkpoint.load_vae(path, device=bridge.offload_device("vae"))
         return (manage(vae, "vae", path.name),)
 
@@ -111,7 +130,7 @@ class EchoGenTextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": (_choices(bridge.list_folders("text_encoders"), "text_encoders/<folder>"), {
+            "folder": (_choices(bridge.list_folders("text_encoders")), {
                 "tooltip": "A google/flan-t5-xl folder (config.json, tokenizer, weights) under models/text_encoders."}),
             "precision": (PRECISIONS, {
                 "default": "auto",
@@ -121,7 +140,7 @@ class EchoGenTextEncoderLoader:
 
     def load(self, folder, precision="auto"):
         from_folder = core_module("text_encoder").T5TextEncoder.from_folder
-        path = bridge.resolve("text_encoders", folder)
+        path = _path("text_encoders", folder, "text_encoder")
         device = bridge.load_device()
         dtype = _dtype(precision, torch.float16 if device.type == "cuda" else torch.float32)
         encoder = from_folder(path, device=bridge.offload_device("text_encoder"), dtype=dtype)
@@ -139,7 +158,7 @@ class EchoGenSemanticEncoderLoader:
     def INPUT_TYPES(cls):
         names = bridge.list_files(bridge.MODEL_FOLDER) + bridge.list_folders(bridge.MODEL_FOLDER)
         return {"required": {
-            "dinov2_name": (_choices(names, "echogen"), {
+            "dinov2_name": (_choices(names), {
                 "tooltip": "dinov2_vitb14_pretrain.pth (torch hub) or a facebook/dinov2-base folder, in "
                            "models/echogen. Not the registers variant."}),
             "precision": (PRECISIONS, {"default": "auto", "tooltip": "auto: fp32 (DINOv2 is small; fp32 keeps "
@@ -148,7 +167,7 @@ class EchoGenSemanticEncoderLoader:
 
     def load(self, dinov2_name, precision="auto"):
         load_dinov2 = core_module("dinov2").load_dinov2
-        path = bridge.resolve(bridge.MODEL_FOLDER, dinov2_name)
+        path = _path(bridge.MODEL_FOLDER, dinov2_name, "dinov2")
         model = load_dinov2(path, device=bridge.offload_device("text_encoder"), dtype=_dtype(precision, torch.float32))
         return (manage(model, "text_encoder", path.name),)
 
@@ -165,7 +184,7 @@ class EchoGenContentEncoderLoader:
     def INPUT_TYPES(cls):
         names = bridge.list_files("vae") + bridge.list_folders("vae")
         return {"required": {
-            "vae_name": (_choices(names, "vae"), {
+            "vae_name": (_choices(names), {
                 "tooltip": "FLUX.1 ae.safetensors (BFL) or a diffusers vae/ folder, in models/vae."}),
             "precision": (PRECISIONS, {"default": "auto", "tooltip": "auto: fp32 (the latents EchoGen reads are "
                                                                      "the posterior mean, kept exact)."}),
@@ -173,7 +192,7 @@ class EchoGenContentEncoderLoader:
 
     def load(self, vae_name, precision="auto"):
         load_encoder = core_module("flux_vae").load_flux_vae_encoder
-        path = bridge.resolve("vae", vae_name)
+        path = _path("vae", vae_name, "content_vae")
         encoder = load_encoder(path, device=bridge.offload_device("vae"), dtype=_dtype(precision, torch.float32))
         return (manage(encoder, "vae", path.name),)
 

@@ -165,7 +165,10 @@ class EchoGenSampler:
         positive = _batch_prompts(text, int(batch_size))
         if features is not None:
             features = _match_subjects(features, text.positive.batch_size, int(batch_size))
-        schedule = schedules.nearest_schedule(int(width), int(height))
+        schedule = model.fixed_schedule or schedules.nearest_schedule(int(width), int(height))
+        if model.fixed_schedule is not None and (int(width), int(height)) != (schedule.width, schedule.height):
+            log.info(f"EchoGen: {model.name} was trained at {schedule.width}x{schedule.height} only; "
+                     f"generating that instead of {width}x{height}")
         if schedule.num_scales > cfg.num_levels:
             raise InputError(f"{schedule.describe()} needs {schedule.num_scales} scales; {model.name} knows "
                              f"{cfg.num_levels}. Ask for a smaller size.")

@@ -58,8 +58,11 @@ def reference(size=(40, 52), seed=0):
 def test_dropdowns_list_the_model_folders(nodes):
     names = nodes["EchoGenModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
     assert {"infinity_tiny.pth", "echogen_tiny.pth", "vae_tiny.pth"} <= set(names)
-    assert nodes["EchoGenTextEncoderLoader"].INPUT_TYPES()["required"]["folder"][0] == ["flan-t5-tiny"]
-    assert nodes["EchoGenContentEncoderLoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["ae_tiny.safetensors"]
+    from nodes.loaders import BUNDLED
+
+    assert nodes["EchoGenTextEncoderLoader"].INPUT_TYPES()["required"]["folder"][0] == ["flan-t5-tiny", BUNDLED]
+    assert nodes["EchoGenContentEncoderLoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["ae_tiny.safetensors",
+                                                                                            BUNDLED]
 
 
 def test_text_to_image_chain_is_deterministic_and_batch_independent(nodes):
@@ -267,3 +270,61 @@ def test_sampler_progress_previews_and_cancel(nodes, monkeypatch):
     with pytest.raises(Interrupted):
         build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=1, batch_size=1)
     assert len(calls) == 3  # stopped right after the third scale
+
+
+def stand_in_bundle(folder, t5_dir):
+    """The bundled layout with tiny random weights (the real files may not be built in this checkout)."""
+    from echogen_core.checkpoint import save_adapter
+    from echogen_core.dinov2 import Dinov2, Dinov2Config
+    from echogen_core.echogen import EchoGen, EchoGenConfig
+    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
+
+    folder.mkdir()
+    cfg = EchoGenConfig.tiny(text_channels=T5, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
+    model = randomize_(EchoGen(cfg), seed=5)
+    flat = lambda m: {k: v.contiguous().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    save_file({k: v for k, v in flat(model).items() if "control" not in k}, folder / "infinity.safetensors")
+    save_adapter(model, folder / "adapter.safetensors")
+    save_file(flat(micro_vae()), folder / "vae.safetensors")
+    save_file(flat(randomize_(Dinov2(Dinov2Config.tiny()), seed=1)), folder / "dinov2.safetensors")
+    save_file(flat(randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)), folder / "flux_vae.safetensors")
+    (folder / "text_encoder").symlink_to(t5_dir, target_is_directory=True)
+
+
+def test_bundled_model_through_the_node_loaders(nodes, monkeypatch, tmp_path, tiny_t5_dir):
+    """Every loader offers the pack's own small model; it runs at the one size it was trained at; without its
+    files the error says how to get them."""
+    from echogen_core import bundled
+
+    from nodes.loaders import BUNDLED
+
+    loaders = {"EchoGenModelLoader": "model_name", "EchoGenVAELoader": "vae_name",
+               "EchoGenTextEncoderLoader": "folder", "EchoGenSemanticEncoderLoader": "dinov2_name",
+               "EchoGenContentEncoderLoader": "vae_name"}
+    for node, field in loaders.items():
+        assert BUNDLED in nodes[node].INPUT_TYPES()["required"][field][0], node
+    real = bundled.bundled_available()
+    monkeypatch.setattr(bundled, "BUNDLE_DIR", tmp_path / "empty")
+    with pytest.raises(InputError, match="bundled"):
+        build(nodes, "EchoGenVAELoader", vae_name=BUNDLED)
+    if not real:
+        stand_in_bundle(tmp_path / "bundle", tiny_t5_dir)
+        monkeypatch.setattr(bundled, "BUNDLE_DIR", tmp_path / "bundle")
+    else:
+        monkeypatch.undo()
+    (model,) = build(nodes, "EchoGenModelLoader", model_name=BUNDLED)
+    (vae,) = build(nodes, "EchoGenVAELoader", vae_name=BUNDLED)
+    (enc,) = build(nodes, "EchoGenTextEncoderLoader", folder=BUNDLED)
+    (dino,) = build(nodes, "EchoGenSemanticEncoderLoader", dinov2_name=BUNDLED)
+    (content,) = build(nodes, "EchoGenContentEncoderLoader", vae_name=BUNDLED)
+    assert model.is_echogen and model.fixed_schedule is not None
+    crop = int(model.cfg.content_len ** 0.5 * 8)
+    ref = reference(size=(crop, crop))
+    (partial,) = build(nodes, "EchoGenSemanticEncode", model=model, semantic_encoder=dino, image=ref)
+    (subject,) = build(nodes, "EchoGenContentEncode", subject=partial, image=ref, content_encoder=content)
+    (text,) = build(nodes, "EchoGenTextEncode", text_encoder=enc, prompt="a star on grass")
+    latent, w, h = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=1024, height=1024, seed=0,
+                         batch_size=1, subject=subject)
+    assert (w, h) == (64, 64)  # trained at 64 px only: the request is not snapped to an untrained size
+    (image,) = build(nodes, "EchoGenDecode", vae=vae, latent=latent)
+    assert image.shape == (1, 64, 64, 3)

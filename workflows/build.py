@@ -100,8 +100,8 @@ def socket_inputs(definition: dict) -> list[tuple[str, str, bool]]:
 
 
 def is_placeholder(options) -> bool:
-    """A model dropdown built from an empty folder: its entries cannot be checked here."""
-    return not options or any(str(o).startswith("(put files") for o in options)
+    """A model dropdown built from an empty folder (only the bundled entry): its entries cannot be checked here."""
+    return not options or all(str(o).startswith("bundled:") for o in options)
 
 
 # ------------------------------------------------------------------------------------------------------------
