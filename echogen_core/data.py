@@ -934,21 +934,3 @@ def run_prepare(args) -> int:
     print(f"wrote {counts['written']} triplets ({counts['segmented']} segmented), kept {counts['kept']} existing, "
           f"in {args.out}")
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m echogen_core.data ...` (the same as `python -m echogen_core prepare-data ...`)."""
-    from .errors import EchoGenError
-
-    parser = add_prepare_arguments(argparse.ArgumentParser(prog="python -m echogen_core.data",
-                                                           description="Prepare training data (segment references)."))
-    args = parser.parse_args(argv)
-    try:
-        return run_prepare(args)
-    except EchoGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -170,18 +169,3 @@ def _split_args() -> dict:
 
     r = RECIPE["world"]
     return {"seed": r["seed"], "n_train": r["n_train_subjects"], "n_heldout": r["n_heldout_subjects"]}
-
-
-def main(argv=None) -> int:
-    from .errors import EchoGenError
-
-    args = add_demo_arguments(argparse.ArgumentParser(prog="python -m echogen_core.demo")).parse_args(argv)
-    try:
-        return run_demo(args)
-    except EchoGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import EchoGenError, InputError, MissingDependencyError
+from .errors import InputError, MissingDependencyError
 
 INDEX_SCHEMA = "echogen-dreambench-index/1"
 RESULTS_SCHEMA = "echogen-dreambench/1"
@@ -1278,19 +1278,3 @@ def run_eval_command(args) -> int:
     print(f"results: {out / 'results.json'} (per-subject, per-kind, per-prompt and per-image figures); "
           f"images: {out / 'images'}; index: {out / 'index.json'}")
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m echogen_core.evaluate ...` (the same as `python -m echogen_core eval ...`)."""
-    p = argparse.ArgumentParser(prog="python -m echogen_core eval", description=__doc__.split("\n\n")[0])
-    add_eval_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_eval_command(args)
-    except EchoGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

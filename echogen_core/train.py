@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .bsq_vae import BSQVAE, BSQVAEConfig, _resize
 from .echogen import EchoGen, EchoGenConfig, SubjectFeatures
-from .errors import CheckpointError, EchoGenError, InputError
+from .errors import CheckpointError, InputError
 from .infinity import Infinity, InfinityConfig
 from .sampler import patchify_factor, resize_codes, vae_to_token_layout
 from .schedules import ScaleSchedule
@@ -1165,19 +1165,3 @@ def run_train(args) -> int:
         return 0
     finally:
         dist.close()
-
-
-def main(argv=None) -> int:
-    """`python -m echogen_core.train ...` (the same as `python -m echogen_core train ...`)."""
-    parser = add_train_arguments(argparse.ArgumentParser(prog="python -m echogen_core.train",
-                                                         description="Train the tokenizer, backbone or EchoGen."))
-    args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except EchoGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

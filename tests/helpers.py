@@ -51,3 +51,24 @@ def micro_vae(codebook_dim: int = 8, patch_size: int = 16, seed: int = 1):
     cfg = BSQVAEConfig(codebook_dim=codebook_dim, patch_size=patch_size, base_ch=8, ch_mult=levels,
                        num_res_blocks=1, norm_groups=4)
     return randomize_(BSQVAE(cfg), seed=seed, std=0.1).eval()
+
+
+def stand_in_bundle(folder, t5_dir, text_channels: int = 64):
+    """The bundled layout with tiny random weights (the real files may not be built in this checkout)."""
+    from safetensors.torch import save_file
+
+    from echogen_core.checkpoint import save_adapter
+    from echogen_core.dinov2 import Dinov2, Dinov2Config
+    from echogen_core.echogen import EchoGen, EchoGenConfig
+    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
+
+    folder.mkdir()
+    cfg = EchoGenConfig.tiny(text_channels=text_channels, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
+    model = randomize_(EchoGen(cfg), seed=5)
+    flat = lambda m: {k: v.contiguous().clone() for k, v in m.state_dict().items()}  # noqa: E731
+    save_file({k: v for k, v in flat(model).items() if "control" not in k}, folder / "infinity.safetensors")
+    save_adapter(model, folder / "adapter.safetensors")
+    save_file(flat(micro_vae()), folder / "vae.safetensors")
+    save_file(flat(randomize_(Dinov2(Dinov2Config.tiny()), seed=1)), folder / "dinov2.safetensors")
+    save_file(flat(randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)), folder / "flux_vae.safetensors")
+    (folder / "text_encoder").symlink_to(t5_dir, target_is_directory=True)

@@ -378,26 +378,11 @@ def test_eval_end_to_end_resumes_and_prints_the_table(tmp_path, tiny_t5_dir, tin
 def test_eval_runs_the_bundled_layout(tmp_path, tiny_t5_dir, capsys, monkeypatch):
     """--bundled takes every file from the bundle folder (here a tiny random stand-in in the bundled layout),
     the bundled 64 px 3-scale schedule and the bundled sampling defaults."""
-    from safetensors.torch import save_file
-
     from echogen_core import bundled
-    from echogen_core.checkpoint import save_adapter
-    from echogen_core.dinov2 import Dinov2, Dinov2Config
-    from echogen_core.echogen import EchoGen, EchoGenConfig
-    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
-    from helpers import micro_vae, randomize_
+    from helpers import stand_in_bundle
 
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    cfg = EchoGenConfig.tiny(text_channels=64, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
-    model = randomize_(EchoGen(cfg), seed=5)
-    flat = lambda m: {k: v.contiguous().clone() for k, v in m.state_dict().items()}  # noqa: E731
-    save_file({k: v for k, v in flat(model).items() if "control" not in k}, bundle / "infinity.safetensors")
-    save_adapter(model, bundle / "adapter.safetensors")
-    save_file(flat(micro_vae()), bundle / "vae.safetensors")
-    save_file(flat(randomize_(Dinov2(Dinov2Config.tiny()), seed=1)), bundle / "dinov2.safetensors")
-    save_file(flat(randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)), bundle / "flux_vae.safetensors")
-    (bundle / "text_encoder").symlink_to(tiny_t5_dir, target_is_directory=True)
+    stand_in_bundle(bundle, tiny_t5_dir)
     monkeypatch.setattr(bundled, "BUNDLE_DIR", bundle)
 
     out = tmp_path / "run"

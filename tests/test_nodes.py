@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from echogen_core.errors import CheckpointError, InputError
-from helpers import micro_vae, randomize_, tiny_infinity
+from helpers import micro_vae, randomize_, stand_in_bundle, tiny_infinity
 
 T5 = 64  # tiny_t5_dir width
 
@@ -270,25 +270,6 @@ def test_sampler_progress_previews_and_cancel(nodes, monkeypatch):
     with pytest.raises(Interrupted):
         build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=1, batch_size=1)
     assert len(calls) == 3  # stopped right after the third scale
-
-
-def stand_in_bundle(folder, t5_dir):
-    """The bundled layout with tiny random weights (the real files may not be built in this checkout)."""
-    from echogen_core.checkpoint import save_adapter
-    from echogen_core.dinov2 import Dinov2, Dinov2Config
-    from echogen_core.echogen import EchoGen, EchoGenConfig
-    from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
-
-    folder.mkdir()
-    cfg = EchoGenConfig.tiny(text_channels=T5, semantic_dim=128, semantic_len=17, content_dim=16, content_len=16)
-    model = randomize_(EchoGen(cfg), seed=5)
-    flat = lambda m: {k: v.contiguous().clone() for k, v in m.state_dict().items()}  # noqa: E731
-    save_file({k: v for k, v in flat(model).items() if "control" not in k}, folder / "infinity.safetensors")
-    save_adapter(model, folder / "adapter.safetensors")
-    save_file(flat(micro_vae()), folder / "vae.safetensors")
-    save_file(flat(randomize_(Dinov2(Dinov2Config.tiny()), seed=1)), folder / "dinov2.safetensors")
-    save_file(flat(randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)), folder / "flux_vae.safetensors")
-    (folder / "text_encoder").symlink_to(t5_dir, target_is_directory=True)
 
 
 def test_bundled_model_through_the_node_loaders(nodes, monkeypatch, tmp_path, tiny_t5_dir):
