@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from echogen_core import data as D
+from echogen_core.cli import main as cli_main
 from echogen_core.errors import InputError, MissingDependencyError
 from echogen_core.subject import center_crop_reference
 
@@ -345,7 +346,7 @@ def test_prepare_command_with_the_real_segmentation_module(sample_dir, tmp_path)
     pytest.importorskip("echogen_core.segmentation")
     from echogen_core.subject import center_crop_image
 
-    assert D.main([str(sample_dir), "--out", str(tmp_path / "o"), "--method", "none", "--size", "64",
+    assert cli_main(["prepare-data", str(sample_dir), "--out", str(tmp_path / "o"), "--method", "none", "--size", "64",
                    "--limit", "2", "--no-salient"]) == 0
     meta = json.loads((tmp_path / "o" / "pair_01_right.json").read_text())
     assert meta["method"] == "none" and meta["words"].startswith("Painting")

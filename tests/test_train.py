@@ -12,6 +12,7 @@ from PIL import Image
 
 from echogen_core import checkpoint as ck
 from echogen_core import train as T
+from echogen_core.cli import main as cli_main
 from echogen_core.data import BucketBatchSampler, PairDataset, TripletFolder, collate, training_schedule
 from echogen_core.echogen import SubjectFeatures
 from echogen_core.errors import InputError
@@ -387,9 +388,9 @@ def cli_args(root, t5, out, steps, *extra):
 
 def test_train_command_resumes_exactly_and_exports_an_adapter(cli_files, tmp_path, capsys):
     root, t5 = cli_files
-    assert T.main(cli_args(root, t5, tmp_path / "a", 3)) == 0
-    assert T.main(cli_args(root, t5, tmp_path / "b", 2)) == 0
-    assert T.main(cli_args(root, t5, tmp_path / "b", 3)) == 0   # picks up checkpoint-last.pt at step 2
+    assert cli_main(["train", *cli_args(root, t5, tmp_path / "a", 3)]) == 0
+    assert cli_main(["train", *cli_args(root, t5, tmp_path / "b", 2)]) == 0
+    assert cli_main(["train", *cli_args(root, t5, tmp_path / "b", 3)]) == 0   # picks up checkpoint-last.pt at step 2
     err = capsys.readouterr().err
     assert "resuming at step 2" in err and "stage echogen: 4 samples" in err
     a = ck.load_echogen(root / "infinity.pth", adapter=tmp_path / "a" / "adapter.safetensors")
@@ -398,7 +399,7 @@ def test_train_command_resumes_exactly_and_exports_an_adapter(cli_files, tmp_pat
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert T.load_checkpoint(tmp_path / "b" / "checkpoint-last.pt")["step"] == 3
-    assert T.main(cli_args(root, t5, tmp_path / "c", 1, "--stage", "tokenizer")) == 2  # needs --init/--config
+    assert cli_main(["train", *cli_args(root, t5, tmp_path / "c", 1, "--stage", "tokenizer")]) == 2  # needs --init/--config
 
 
 def _ddp_worker(rank: int, port: int, out: str):
@@ -464,10 +465,10 @@ def test_train_command_chains_the_stages_tokenizer_then_backbone(cli_files, tmp_
                           "num_res_blocks": 1, "norm_groups": 4})
     common = ["--data", str(root / "data"), "--size", "0.06M", "--num-scales", "2", "--batch-size", "2",
               "--steps", "2", "--workers", "0", "--lr", "0.1", "--log-every", "1"]
-    assert T.main(["--stage", "tokenizer", "--out", str(tmp_path / "tok"), "--config", vae_cfg, *common]) == 0
+    assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok"), "--config", vae_cfg, *common]) == 0
     vae = ck.load_vae(tmp_path / "tok" / "vae.pth")
     assert vae.config.base_ch == 8
-    assert T.main(["--stage", "backbone", "--out", str(tmp_path / "t2i"), "--config", "tiny", "--vae",
+    assert cli_main(["train", "--stage", "backbone", "--out", str(tmp_path / "t2i"), "--config", "tiny", "--vae",
                    str(tmp_path / "tok" / "vae.pth"), "--text-encoder", str(t5), *common]) == 0
     model = ck.load_infinity(tmp_path / "t2i" / "infinity.pth", dtype=torch.float32)
     assert model.cfg == InfinityConfig.tiny(text_channels=64)
