@@ -977,12 +977,8 @@ def generate_dreambench(bench: DreamBench, subjects: Sequence[DreamBenchSubject]
 def fit_text(text, max_len: int):
     """Keep at most `max_len` tokens per prompt (the model's learned empty prompt, and the official tokenizer's
     max_length, are that long; only small custom models have fewer than 512). Returns (text, whether cut)."""
-    from .text_encoder import TextConditioning
-
-    if int(text.lengths.max()) <= max_len:
-        return text, False
-    return TextConditioning(features=text.features[:, :max_len].contiguous(),
-                            lengths=text.lengths.clamp(max=max_len)), True
+    cut = text.clipped(max_len)
+    return (text, False) if int(text.lengths.max()) <= max_len else (cut, True)
 
 
 def _image_entry(bench, subject, p, k, base_seed, n_subjects, n_prompts) -> dict:

@@ -9,6 +9,7 @@ batch of one with seed s reproduces the official image for g_seed=s (same device
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import logging
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -20,6 +21,8 @@ from .errors import CheckpointError, InputError
 from .infinity import Infinity
 from .schedules import ScaleSchedule
 from .text_encoder import TextConditioning
+
+log = logging.getLogger("echogen")
 
 PerScale = Union[float, Sequence[float]]
 
@@ -144,9 +147,11 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     if subject is not None and not is_echogen:
         raise InputError("A subject was given but the model is plain Infinity; load an EchoGen checkpoint.")
 
-    text = text.to(model.device)
+    if int(text.lengths.max()) > model.cfg.text_maxlen:  # as in training: only tiny custom models hit this
+        log.warning("prompts cut to the model's %d text tokens", model.cfg.text_maxlen)
+    text = text.to(model.device).clipped(model.cfg.text_maxlen)
     if negative is not None:
-        negative = negative.to(model.device)
+        negative = negative.to(model.device).clipped(model.cfg.text_maxlen)
     if subject is not None:
         model.check_subject(subject)
         subject = _broadcast_subject(subject.to(model.device), B)

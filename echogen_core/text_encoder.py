@@ -147,6 +147,13 @@ class TextConditioning:
         f = torch.nn.functional.pad(self.features, (0, 0, 0, length - self.max_len))
         return TextConditioning(f, self.lengths)
 
+    def clipped(self, max_len: int) -> "TextConditioning":
+        """At most `max_len` tokens per prompt (a model's learned empty prompt has that many rows; only small
+        custom models have fewer than T5's 512). Returns self when nothing is cut."""
+        if int(self.lengths.max()) <= max_len:
+            return self.trimmed()
+        return TextConditioning(self.features[:, :max_len].contiguous(), self.lengths.clamp(max=max_len))
+
     def trimmed(self) -> "TextConditioning":
         """Drop padding columns beyond max(lengths)."""
         m = int(self.lengths.max())

@@ -192,13 +192,6 @@ def apply_condition_drops(model: Infinity, text: TextConditioning, subject: Opti
     return text, subject
 
 
-def truncate_text(text: TextConditioning, max_len: int) -> TextConditioning:
-    """Keep at most `max_len` tokens per prompt (the learned empty prompt has that many rows)."""
-    if text.max_len <= max_len:
-        return text
-    return TextConditioning(text.features[:, :max_len].contiguous(), text.lengths.clamp(max=max_len))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Forward modules (what DDP / FSDP wrap: every parameter is used inside their forward)
 
@@ -691,7 +684,7 @@ class Trainer:
             subject = None
             if need_subject:
                 subject = SubjectFeatures(torch.cat([x.semantic for x in subs]), torch.cat([x.content for x in subs]))
-        text = truncate_text(text.to(self.device), self.model.cfg.text_maxlen)
+        text = text.to(self.device).clipped(self.model.cfg.text_maxlen)
         return latent, text, (subject.to(self.device) if subject is not None else None)
 
     def train_step(self, batches: Sequence) -> dict:

@@ -124,3 +124,13 @@ def test_short_per_scale_lists_repeat_their_last_value():
 def test_to_uint8_rounds():
     img = torch.tensor([-1.0, 1.0, 0.0, 2.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
     assert to_uint8(img)[0, 0, :, 0].tolist() == [0, 255, 128, 255]
+
+
+def test_prompts_longer_than_the_learned_empty_prompt_are_cut(pair):
+    """Tiny custom models learn fewer than T5's 512 empty-prompt rows; longer prompts are cut, as in training."""
+    model, _ = pair
+    n = model.cfg.text_maxlen
+    long, cut = random_text([n + 5], channels=128, seed=3), random_text([n + 5], channels=128, seed=3)
+    cut = cut.clipped(n)
+    assert cut.features.shape[1] == n and int(cut.lengths[0]) == n
+    torch.testing.assert_close(run(pair, long, 2).summed_codes, run(pair, cut, 2).summed_codes)
