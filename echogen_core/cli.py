@@ -275,6 +275,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_echogen_file_args(p, required: bool) -> None:
+    """The files of an EchoGen run (generate, eval): transformer (whole, split or adapter), VAE, encoders."""
+    p.add_argument("--model", required=required, help="echogen_2b.pth (or an Infinity file with --adapter)")
+    p.add_argument("--backbone", default=None, help="infinity_2b_reg.pth, when --model lacks the frozen weights")
+    p.add_argument("--adapter", default=None, help="adapter-only safetensors over an Infinity --model")
+    p.add_argument("--vae", required=required, help="infinity_vae_d32reg.pth")
+    p.add_argument("--text-encoder", required=required, help="folder of google/flan-t5-xl")
+    p.add_argument("--dinov2", required=required, help="dinov2_vitb14_pretrain.pth or a facebook/dinov2-base folder")
+    p.add_argument("--content-vae", required=required, help="FLUX.1 ae.safetensors or a diffusers vae/ folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m echogen_core",
                                      description="Infinity / EchoGen: load, convert, inspect and generate.")
@@ -317,13 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-out", default=None, help="also write the prepared reference the encoders see")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--model", required=True, help="echogen_2b.pth (or an Infinity file with --adapter)")
-    p.add_argument("--backbone", default=None, help="infinity_2b_reg.pth, when --model lacks the frozen weights")
-    p.add_argument("--adapter", default=None, help="adapter-only safetensors over an Infinity --model")
-    p.add_argument("--vae", required=True, help="infinity_vae_d32reg.pth")
-    p.add_argument("--text-encoder", required=True, help="folder of google/flan-t5-xl")
-    p.add_argument("--dinov2", required=True, help="dinov2_vitb14_pretrain.pth or a facebook/dinov2-base folder")
-    p.add_argument("--content-vae", required=True, help="FLUX.1 ae.safetensors or a diffusers vae/ folder")
+    add_echogen_file_args(p, required=True)
     p.add_argument("--subject-cfg", type=_floats, default=_floats("2.5"), help="gamma_I, or one per scale")
     add_sampling_args(p, cfg_default="2.5", tau_default="2.0")
     p.set_defaults(func=cmd_generate)

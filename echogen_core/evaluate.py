@@ -1135,13 +1135,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", type=int, default=0,
                    help="which photo of each subject is the reference, in sorted file order (0 = 00.jpg)")
     g = p.add_argument_group("models (as for generate)")
-    g.add_argument("--model", default=None, help="echogen_2b.pth (or an Infinity file with --adapter / --no-subject)")
-    g.add_argument("--backbone", default=None, help="infinity_2b_reg.pth, when --model lacks the frozen weights")
-    g.add_argument("--adapter", default=None, help="adapter-only safetensors over an Infinity --model")
-    g.add_argument("--vae", default=None, help="infinity_vae_d32reg.pth")
-    g.add_argument("--text-encoder", default=None, help="folder of google/flan-t5-xl")
-    g.add_argument("--dinov2", default=None, help="dinov2_vitb14_pretrain.pth or a facebook/dinov2-base folder")
-    g.add_argument("--content-vae", default=None, help="FLUX.1 ae.safetensors or a diffusers vae/ folder")
+    from .cli import add_echogen_file_args
+
+    add_echogen_file_args(g, required=False)  # required unless --bundled or --score-only
     g.add_argument("--label", default=None, help="the method's name in the table (default: the model's preset name)")
     g.add_argument("--bundled", action="store_true",
                    help="the bundled CPU model (echogen_core/bundled_model): its files for every model option not "
