@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, InputError, MissingDependencyError
+from .text_encoder import read_hf_folder_config
 
 __all__ = [
     "Detection",
@@ -109,25 +110,6 @@ def _check_dtype(dtype) -> torch.dtype:
 
 # --------------------------------------------------------------------------------------------------------------
 # Folder checks shared by the three loaders
-
-
-def _read_folder_config(path, what: str, hint: str) -> tuple[Path, dict]:
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise CheckpointError(f"{what} folder not found: {folder}. {hint}")
-    if not folder.is_dir():
-        raise CheckpointError(f"{what} path {folder} is a file; point at the Hugging Face folder that holds "
-                              f"config.json, the weights and the processor files. {hint}")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{what} folder {folder} has no config.json. {hint}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot read {cfg_path} as JSON ({e}). {hint}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object. {hint}")
-    return folder, config
 
 
 def _check_model_type(folder: Path, config: dict, expected: Sequence[str], what: str, hint: str,
@@ -286,7 +268,7 @@ class GroundingDetector:
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "GroundingDetector":
         what, hint = "GroundingDINO", GROUNDING_DINO_HINT
-        folder, config = _read_folder_config(path, what, hint)
+        folder, config = read_hf_folder_config(path, what, hint)
         _check_model_type(folder, config, ("grounding-dino",), what, hint, advice={
             "mm-grounding-dino": "MM-GroundingDINO is a different model; EchoGen's pipeline uses GroundingDINO. ",
             "owlv2": "OWLv2 is a different detector; EchoGen's pipeline uses GroundingDINO. "})
@@ -355,7 +337,7 @@ class SamRefiner:
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "SamRefiner":
         what, hint = "SAM", SAM_HINT
-        folder, config = _read_folder_config(path, what, hint)
+        folder, config = read_hf_folder_config(path, what, hint)
         _check_model_type(folder, config, ("sam",), what, hint, advice={
             "sam2": "SAM 2 folders are not supported; use the original SAM. ",
             "sam_hq": "SAM-HQ folders are not supported; use the original SAM. "})
@@ -512,7 +494,7 @@ class SubjectNamer:
     @classmethod
     def from_folder(cls, path, device="cpu", dtype=torch.float32) -> "SubjectNamer":
         what, hint = "Qwen2.5-VL", QWEN_VL_HINT
-        folder, config = _read_folder_config(path, what, hint)
+        folder, config = read_hf_folder_config(path, what, hint)
         _check_model_type(folder, config, ("qwen2_5_vl",), what, hint, advice={
             "qwen2_vl": "This is Qwen2-VL (the previous generation); use a Qwen2.5-VL folder. ",
             "qwen3_vl": "Qwen3-VL is not supported yet; use a Qwen2.5-VL folder. "})

@@ -321,24 +321,30 @@ def _has_weights(folder: Path) -> bool:
     return False
 
 
-def _check_t5_folder(folder: Path) -> dict:
-    """Validate the folder layout; returns the parsed config.json."""
+def read_hf_folder_config(path, what: str, hint: str) -> tuple[Path, dict]:
+    """A local Hugging Face model folder and its parsed config.json, or an error saying what is wrong."""
+    folder = Path(path).expanduser()
     if not folder.exists():
-        raise CheckpointError(f"T5 text encoder folder not found: {folder}. {T5_SOURCE_HINT}.")
+        raise CheckpointError(f"{what} folder not found: {folder}. {hint}")
     if not folder.is_dir():
-        raise CheckpointError(
-            f"T5 text encoder path {folder} is a file, not a folder; point at the folder holding config.json, "
-            f"the weights and the tokenizer files. {T5_SOURCE_HINT}."
-        )
+        raise CheckpointError(f"{what} path {folder} is a file; point at the Hugging Face folder that holds "
+                              f"config.json, the weights and the processor/tokenizer files. {hint}")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"T5 text encoder folder {folder} has no config.json. {T5_SOURCE_HINT}.")
+        raise CheckpointError(f"{what} folder {folder} has no config.json. {hint}")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot read {cfg_path} as JSON ({e}). {T5_SOURCE_HINT}.") from e
+        raise CheckpointError(f"Cannot read {cfg_path} as JSON ({e}). {hint}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object. {T5_SOURCE_HINT}.")
+        raise CheckpointError(f"{cfg_path} does not hold a JSON object. {hint}")
+    return folder, config
+
+
+def _check_t5_folder(folder: Path) -> dict:
+    """Validate the folder layout; returns the parsed config.json."""
+    folder, config = read_hf_folder_config(folder, "T5 text encoder", T5_SOURCE_HINT + ".")
+    cfg_path = folder / "config.json"
     model_type = config.get("model_type")
     if model_type != "t5":
         archs = config.get("architectures")
