@@ -11,7 +11,8 @@ Semantic path (identity), from DINOv2 ViT-B/14 tokens:
 Content path (detail), from the FLUX.1 VAE latent of the reference (16 x 64 x 64 -> 4096 tokens):
   * a parallel stream per block with its own weights (AdaLN, cosine self-attention, text cross-attention,
     FFN). Content tokens attend only to content tokens, so the whole stream is independent of the image
-    tokens: it runs once per (subject, prompt) and its per-block keys/values are reused at every scale.
+    tokens: it runs once per (subject, prompt) and its per-block keys/values are reused at every scale, and
+    across generations (ContentCache: a new seed for the same subject and prompt runs no stream at all).
   * image queries read the content keys/values through a second softmax; that read goes through the
     zero-initialised `sa.control_attn` and is added before the frozen output projection.
 
@@ -20,7 +21,10 @@ the reference where it and the paper differ (two softmaxes for the content read,
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import hashlib
+import itertools
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -123,7 +127,8 @@ class EchoGenSelfAttention(SelfAttention):
         B, L, C = y.shape
         q, k, v = self.content_qkv(y)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        return self.control_proj(out.transpose(1, 2).reshape(B, L, C)), (k, v)
+        # v is a view into the fused k|v projection; a dense copy lets that buffer (raw keys included) go.
+        return self.control_proj(out.transpose(1, 2).reshape(B, L, C)), (k, v.contiguous())
 
     def forward(self, x, rope, attn_mask=None, cache=None, layer: int = 0, content: "ContentMemory" = None):
         B, L, C = x.shape
@@ -209,33 +214,80 @@ def distinct_rows(*tensors: torch.Tensor) -> tuple[list[int], list[int]]:
     return reps, group
 
 
+def row_keys(rows: list, *tensors: torch.Tensor) -> list:
+    """A digest of the bytes (and shape and dtype) of each given row across `tensors`: what identifies a row's
+    inputs for the ContentCache. One host copy per tensor, so one synchronisation per generation, before the
+    scale loop."""
+    host = [t.detach().to("cpu").contiguous() for t in tensors]
+    keys = []
+    for r in rows:
+        digest = hashlib.blake2b(digest_size=20)
+        for t in host:
+            row = t[r]
+            digest.update(f"{row.dtype}{tuple(row.shape)}".encode())
+            digest.update(row.reshape(-1).view(torch.uint8).numpy())
+        keys.append(digest.digest())
+    return keys
+
+
 @dataclass
 class ContentMemory:
     """The content stream's per-block keys/values, kept once per distinct (subject, prompt) row.
 
     A batch of B images of one subject and prompt under three-row guidance has 3B rows but only three
     distinct content streams; storing 3 instead of 3B keeps the 2B model's content K/V at ~1 GB per row
-    instead of ~1 GB per image and row."""
+    instead of ~1 GB per image and row.
 
-    kv: list                          # per block (k, v), each (U, H, Lc, hd)
-    group: Optional[list] = None      # group of every row; None when all rows are distinct and in order
+    Per block, the U distinct streams are either stacked, (k, v) each (U, H, Lc, hd), when they were computed
+    together (training, or the cache off), or kept apart, a list of U pairs (k, v) each (1, H, Lc, hd), when
+    they come from the cross-generation ContentCache (where each row lives and is evicted on its own) or from
+    `select`. Streams kept apart are read with one attention call each rather than copied into a stack."""
+
+    kv: list                          # per block: stacked (k, v), or a list of one (k, v) per stream
+    group: Optional[list] = None      # stream of every row; None when all rows are distinct and in order
+    _readers: Optional[list] = field(default=None, init=False, repr=False)  # see _stream_readers
+
+    @property
+    def num_streams(self) -> int:
+        kv = self.kv[0]
+        return len(kv) if isinstance(kv, list) else kv[0].shape[0]
 
     @property
     def num_rows(self) -> int:
-        return len(self.group) if self.group is not None else self.kv[0][0].shape[0]
+        return len(self.group) if self.group is not None else self.num_streams
+
+    def stream(self, layer: int, u: int):
+        """(k, v) of stream u at one block, each (1, H, Lc, hd) (a view)."""
+        kv = self.kv[layer]
+        if isinstance(kv, list):
+            return kv[u]
+        k, v = kv
+        return k[u:u + 1], v[u:u + 1]
 
     def rows(self, layer: int):
         """(k, v) expanded to one per row (materialised: for inspection and tests)."""
-        k, v = self.kv[layer]
+        k, v = (torch.cat(t) for t in zip(*[self.stream(layer, u) for u in range(self.num_streams)]))
         if self.group is None:
             return k, v
         idx = torch.tensor(self.group, device=k.device)
         return k[idx], v[idx]
 
+    def select(self, rows) -> "ContentMemory":
+        """The memory of some rows (a slice or indices; one guidance group): only the streams those rows
+        read, kept apart as views."""
+        group = self.group if self.group is not None else list(range(self.num_streams))
+        picked = [group[r] for r in (range(len(group))[rows] if isinstance(rows, slice) else map(int, rows))]
+        used = list(dict.fromkeys(picked))  # in order of first use
+        kv = [[self.stream(layer, u) for u in used] for layer in range(len(self.kv))]
+        renumbered = [used.index(u) for u in picked]
+        return ContentMemory(kv, None if renumbered == list(range(len(used))) else renumbered)
+
     def read(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Image queries q (R, H, L, hd) attend to their row's content tokens -> (R, H, L, hd).
         Rows sharing a content stream are stacked along the sequence axis of one attention call
         (the read has no mask and no causality, so this is exact) instead of copying K/V per row."""
+        if isinstance(self.kv[layer], list):
+            return self._read_apart(self.kv[layer], q)
         k, v = self.kv[layer]
         if self.group is None:
             return F.scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -257,6 +309,97 @@ class ContentMemory:
                                                        k[g:g + 1], v[g:g + 1], scale=1.0
                                                        ).view(H, len(rows), L, hd).transpose(0, 1)
         return out
+
+    def _read_apart(self, streams: list, q: torch.Tensor) -> torch.Tensor:
+        """The read with the streams kept apart: one attention call per stream, over the queries of its rows."""
+        R, H, L, hd = q.shape
+        out = torch.empty_like(q)
+        for (k, v), (rows, n) in zip(streams, self._stream_readers(q.device)):
+            read = F.scaled_dot_product_attention(q[rows].transpose(0, 1).reshape(1, H, n * L, hd), k, v, scale=1.0)
+            out[rows] = read.view(H, n, L, hd).transpose(0, 1)
+        return out
+
+    def _stream_readers(self, device) -> list:
+        """Per stream, (the rows that read it, how many): a slice when they are consecutive (a view), else an
+        index tensor. Worked out once, not at every block and scale."""
+        if self._readers is None:
+            group = self.group if self.group is not None else list(range(self.num_rows))
+            self._readers = []
+            for u in range(self.num_streams):
+                rows = [r for r, g in enumerate(group) if g == u]
+                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+                pick = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=device)
+                self._readers.append((pick, len(rows)))
+        return self._readers
+
+
+class ContentCache:
+    """Content-stream K/V of recent rows, kept across generations: least recently used out, at most
+    `capacity` rows (0 turns it off).
+
+    The stream depends only on a row's inputs (reference latent, DINOv2 CLS, prompt features and mask) and on
+    the weights, never on the image tokens or the seed. Re-queueing one subject and prompt with new seeds
+    finds all three rows here, and the unconditional row (learned empty prompt + null subject) recurs in
+    every generation whose prompt has the same number of tokens.
+
+    Memory: a row holds every block's content keys and values, depth x 2 x content_len x width values in the
+    blocks' dtype, and stays allocated between generations: about 1 GB per row for EchoGen-2B at 1024 px
+    (32 x 2 x 4096 x 2048 x 2 bytes, bf16), 75 MB for EchoGen-small on the CPU (fp32). The default, 3 rows,
+    is one three-row guidance generation of one image.
+
+    Rows are valid only for the weights they were computed with: the cache keeps a fingerprint of every
+    parameter and buffer (storage address, version counter, dtype, device, shape) and empties itself when it
+    changes. In-place updates (optimizer steps, load_state_dict, copy_) bump the version counter; `.to()`,
+    `.half()` and replaced parameters change the address. Writes through `.data`, and in-place writes to
+    tensors made under torch.inference_mode, bypass the version counter: call `EchoGen.clear_content_cache()`
+    after them."""
+
+    def __init__(self, capacity: int = 3):
+        self.capacity = capacity
+        self.rows: "OrderedDict[bytes, list]" = OrderedDict()  # row key -> per block (k, v), each (1, H, Lc, hd)
+        self.weights: Optional[tuple] = None                   # fingerprint the rows were computed with
+        self.hits = 0    # rows served from the cache (counters for tests and benchmarks)
+        self.misses = 0  # rows computed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.weights = None
+
+    def check_weights(self, fingerprint: tuple) -> None:
+        if fingerprint != self.weights:
+            self.clear()
+            self.weights = fingerprint
+
+    def get(self, key: bytes) -> Optional[list]:
+        kv = self.rows.get(key)
+        if kv is not None:
+            self.rows.move_to_end(key)
+        return kv
+
+    def make_room(self, n: int, keep=()) -> None:
+        """Evict least recently used rows, other than `keep`, until n more fit. Called before the new rows are
+        computed, so that evicted rows are freed before the new ones are allocated."""
+        for key in list(self.rows):
+            if len(self.rows) + n <= self.capacity:
+                break
+            if key not in keep:
+                del self.rows[key]
+
+    def put(self, key: bytes, kv: list) -> None:
+        if self.capacity <= 0:
+            return
+        self.rows[key] = kv
+        self.rows.move_to_end(key)
+        while len(self.rows) > self.capacity:
+            self.rows.popitem(last=False)
+
+
+def _own_row(t: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i of a batch as a tensor with its own storage, so that a cached row frees on its own eviction."""
+    return t if t.shape[0] == 1 else t[i:i + 1].clone()
 
 
 @dataclass
@@ -282,9 +425,37 @@ class EchoGen(Infinity):
         self.control_shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.control_shared_ada_lin_refer = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.control_shared_ada_lin_refer_dino = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.content_cache = ContentCache()  # content-stream K/V of recent rows, across generations
 
     def make_block(self, cfg):
         return EchoGenBlock(cfg)
+
+    # -- the cross-generation content cache ---------------------------------------------------------------------
+    def clear_content_cache(self) -> None:
+        self.content_cache.clear()
+
+    def uses_content_cache(self) -> bool:
+        """Inference only: training changes the weights at every step and needs the stream's graph."""
+        return self.content_cache.capacity > 0 and not self.training and not torch.is_grad_enabled()
+
+    def weights_fingerprint(self) -> tuple:
+        """Identifies the current weights without reading them (see ContentCache)."""
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device, tuple(t.shape))
+                     for t in itertools.chain(self.parameters(), self.buffers()))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), ComfyUI unloading the model: cached K/V of the old weights must not keep memory alive.
+        self.content_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.content_cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:  # training needs the memory, and its steps make every cached row stale
+            self.content_cache.clear()
+        return super().train(mode)
 
     def null_subject(self, batch: int) -> SubjectFeatures:
         """The learned 'no subject' features (used for guidance and condition dropout)."""
@@ -320,12 +491,16 @@ class EchoGen(Infinity):
         # The stream depends only on (content, global token, prompt): run it once per distinct row.
         reps, group = distinct_rows(content, semantic[:, 0], base.tokens, base.key_mask)
         if len(reps) == len(group):
-            ctx.content = ContentMemory(self.run_content_stream(content, ctx))
+            rows_content, rows_ctx, group = content, ctx, None
         else:
             idx = torch.tensor(reps, device=dev)
-            sub = EchoGenContext(cond=base.cond[idx], ada=ada[idx], tokens=base.tokens[idx],
-                                 key_mask=base.key_mask[idx], content_ada=content_ada[idx])
-            ctx.content = ContentMemory(self.run_content_stream(content[idx], sub), group)
+            rows_content, rows_ctx = content[idx], ctx.select(idx)
+        if self.uses_content_cache():  # and across generations: rows seen before with these weights are free
+            keys = row_keys(reps, content, semantic[:, 0], text.features.float(), text.mask)
+            kv = self.cached_content_stream(rows_content, rows_ctx, keys)
+        else:
+            kv = self.run_content_stream(rows_content, rows_ctx)
+        ctx.content = ContentMemory(kv, group)
         return ctx
 
     def run_content_stream(self, content: torch.Tensor, ctx: EchoGenContext) -> list:
@@ -336,6 +511,32 @@ class EchoGen(Infinity):
             y, kv = block.content_stream(y, ctx, i)
             kvs.append(kv)
         return kvs
+
+    def cached_content_stream(self, content: torch.Tensor, ctx: EchoGenContext, keys: list) -> list:
+        """run_content_stream for distinct rows through the ContentCache (`keys`: the rows' row_keys): rows seen
+        before are taken from it, the others run in one batch and are stored.
+        Returns per block a list of one (k, v) per row, each (1, H, Lc, hd)."""
+        cache = self.content_cache
+        cache.check_weights(self.weights_fingerprint())
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, kv in enumerate(found) if kv is None]
+        cache.hits += len(keys) - len(missing)
+        cache.misses += len(missing)
+        if missing:
+            cache.make_room(len(missing), keep=set(keys))
+            if len(missing) < len(keys):
+                idx = torch.tensor(missing, device=content.device)
+                content, ctx = content[idx], ctx.select(idx)
+            fresh = self.run_content_stream(content, ctx)
+            per_row = [[] for _ in missing]
+            for layer in range(len(fresh)):
+                (k, v), fresh[layer] = fresh[layer], None  # block by block: a block is never held twice over
+                for j, kv in enumerate(per_row):
+                    kv.append((_own_row(k, j), _own_row(v, j)))
+            for i, kv in zip(missing, per_row):
+                found[i] = kv
+                cache.put(keys[i], kv)
+        return [list(layer) for layer in zip(*found)]
 
     def first_tokens(self, ctx: EchoGenContext) -> torch.Tensor:
         subject = (ctx.global_token.float() + self.control_pos_start.float()[0]).unsqueeze(1)

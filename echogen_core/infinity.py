@@ -14,7 +14,7 @@ head run in fp32; block linears run in the blocks' dtype (bf16/fp16 on GPU).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Optional
 
 import torch
@@ -350,6 +350,20 @@ class TextContext:
         if self.block_kv[layer] is None:
             self.block_kv[layer] = block.cross_kv(self)
         return self.block_kv[layer]
+
+    def select(self, rows) -> "TextContext":
+        """The context of some rows: a slice (views, no copies: one guidance group of a batch) or an index
+        tensor (copies)."""
+        def pick(value):
+            if isinstance(value, torch.Tensor):
+                return value[rows]
+            if isinstance(value, (list, tuple)):
+                return type(value)(pick(v) for v in value)
+            if hasattr(value, "select"):  # EchoGen's ContentMemory
+                return value.select(rows)
+            return value
+
+        return replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 class Infinity(nn.Module):

@@ -145,12 +145,15 @@ def test_kv_cached_equals_full_sequence_with_subject():
 def test_content_stream_never_reads_image_tokens():
     model = tiny_echogen(seed=8)
     text, subject = random_text([5], channels=128), random_subject(model.cfg)
+    def content_kv(ctx):
+        return [t.clone() for layer in range(model.cfg.depth) for t in ctx.content.rows(layer)]
+
     with torch.no_grad():
-        kv_before = [t.clone() for kv in model.encode_conditions(text, subject).content.kv for t in kv]
+        kv_before = content_kv(model.encode_conditions(text, subject))
         ctx = model.encode_conditions(text, subject)
         model(ctx, probe_inputs(seed=1), SCHEDULE)
         model(ctx, probe_inputs(seed=2), SCHEDULE)
-    for a, b in zip(kv_before, [t for kv in ctx.content.kv for t in kv]):
+    for a, b in zip(kv_before, content_kv(ctx)):
         assert torch.equal(a, b)
 
 
@@ -304,3 +307,116 @@ def test_every_injection_path_learns_from_initialisation():
     for key in ("sa.control_attn.weight", "control_ffn.fc1.weight", "control_ca.mat_q.weight"):
         live = [v for k, v in g.items() if k.endswith(key) and not (key.startswith("control_") and k.startswith(last))]
         assert live and all(v > 0 for v in live), key
+
+
+# -- the content stream kept across generations (ContentCache) ----------------------------------------------------
+
+
+def count_content_streams(monkeypatch):
+    """Batch sizes of every content-stream run."""
+    calls = []
+    original = EchoGen.run_content_stream
+
+    def counting(self, content, ctx):
+        calls.append(content.shape[0])
+        return original(self, content, ctx)
+
+    monkeypatch.setattr(EchoGen, "run_content_stream", counting)
+    return calls
+
+
+def same_result(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes) \
+        and (a.images is None or torch.equal(a.images, b.images))
+
+
+def cached_and_uncached(seed):
+    """The same weights twice: with the default cache, and with the cache off."""
+    model, reference = tiny_echogen(seed=seed), tiny_echogen(seed=seed)
+    reference.content_cache.capacity = 0
+    return model, reference
+
+
+def test_reseeding_runs_no_content_stream_and_draws_the_same_image(monkeypatch):
+    model, reference = cached_and_uncached(20)
+    vae = micro_vae(codebook_dim=8)
+    text, subject = random_text([6], channels=128, seed=21), random_subject(model.cfg, seed=22)
+    calls = count_content_streams(monkeypatch)
+    first = generate(model, vae, text, SCHEDULE, seed=1, subject=subject)
+    assert calls == [3] and len(model.content_cache) == 3  # (text, subject), (text, none), (empty, none)
+    second = generate(model, vae, text, SCHEDULE, seed=2, subject=subject)
+    assert calls == [3] and model.content_cache.hits == 3  # the new seed ran no content stream
+    assert same_result(first, generate(reference, vae, text, SCHEDULE, seed=1, subject=subject))
+    assert same_result(second, generate(reference, vae, text, SCHEDULE, seed=2, subject=subject))
+    assert calls == [3, 3, 3] and len(reference.content_cache) == 0
+    assert not torch.equal(first.summed_codes, second.summed_codes)
+
+    # a new prompt of the same length, same subject: only the unconditional row is reused
+    other = random_text([6], channels=128, seed=23)
+    calls.clear()
+    new_prompt = generate(model, vae, other, SCHEDULE, seed=2, subject=subject, decode=False)
+    assert calls == [2] and model.content_cache.hits == 4 and len(model.content_cache) == 3
+    assert same_result(new_prompt, generate(reference, vae, other, SCHEDULE, seed=2, subject=subject, decode=False))
+
+
+def test_changed_weights_invalidate_the_content_cache(monkeypatch):
+    model, reference = cached_and_uncached(24)
+    vae = micro_vae(codebook_dim=8)
+    text, subject = random_text([5], channels=128, seed=25), random_subject(model.cfg, seed=26)
+    calls = count_content_streams(monkeypatch)
+    generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    with torch.no_grad():  # an in-place update, as an optimizer step or load_state_dict makes
+        for m in (model, reference):
+            m.blocks[1].control_ffn.fc1.weight.mul_(1.5)
+    calls.clear()
+    after = generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert calls == [3]
+    assert same_result(after, generate(reference, vae, text, SCHEDULE, seed=0, subject=subject, decode=False))
+
+    model.float()  # any .to(): the K/V of the old tensors are let go
+    assert len(model.content_cache) == 0
+    generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    model.load_state_dict(reference.state_dict())
+    assert len(model.content_cache) == 0
+    generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert len(model.content_cache) == 3
+    with torch.no_grad():  # a replaced tensor (new storage) is seen without any call
+        model.blocks[0].sa.control_mat_q.weight.data = model.blocks[0].sa.control_mat_q.weight.data * 1.1
+    calls.clear()
+    generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert calls == [3]
+
+
+def test_content_cache_stays_within_its_capacity(monkeypatch):
+    model, reference = cached_and_uncached(27)
+    vae = micro_vae(codebook_dim=8)
+    texts, subject = random_text([5, 7], channels=128, seed=28), random_subject(model.cfg, seed=29)
+    calls = count_content_streams(monkeypatch)
+    # two prompts: six distinct rows (their empty prompts differ in length), three kept
+    out = generate(model, vae, texts, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert calls == [6] and len(model.content_cache) == 3
+    assert same_result(out, generate(reference, vae, texts, SCHEDULE, seed=0, subject=subject, decode=False))
+    again = generate(model, vae, texts, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert calls[2:] == [3] and len(model.content_cache) == 3 and same_result(out, again)
+    model.content_cache.capacity = 1
+    generate(model, vae, texts.select([0]), SCHEDULE, seed=0, subject=subject, decode=False)
+    assert len(model.content_cache) == 1
+    model.clear_content_cache()
+    assert len(model.content_cache) == 0
+
+
+def test_training_and_gradients_bypass_the_content_cache(monkeypatch):
+    model = tiny_echogen(seed=30)
+    text, subject = random_text([5], channels=128, seed=31), random_subject(model.cfg, seed=32)
+    calls = count_content_streams(monkeypatch)
+    with torch.no_grad():
+        model(text, probe_inputs(), SCHEDULE, subject=subject)
+    assert calls == [1] and len(model.content_cache) == 1
+    model(text, probe_inputs(), SCHEDULE, subject=subject).sum().backward()  # eval mode, gradients on
+    assert calls == [1, 1] and model.content_cache.hits == 0
+    model.train()
+    assert len(model.content_cache) == 0
+    with torch.no_grad():
+        model(text, probe_inputs(), SCHEDULE, subject=subject)
+    assert calls == [1, 1, 1] and len(model.content_cache) == 0
+
