@@ -319,6 +319,19 @@ def finalize(model: Infinity, device, dtype: Optional[torch.dtype]) -> Infinity:
 # BSQ VAE
 
 
+VAE_NORM_GROUPS_KEY = "echogen.vae_norm_groups"
+
+
+def vae_metadata(config) -> dict:
+    """Safetensors metadata a BSQ VAE file needs beyond its tensors: the GroupNorm group count when it differs
+    from what infer_vae_config reads off the shapes (the released VAEs never need it)."""
+    from .bsq_vae import _largest_group_count
+
+    if config.norm_groups == _largest_group_count(config.channels):
+        return {}
+    return {VAE_NORM_GROUPS_KEY: str(config.norm_groups)}
+
+
 def vae_state_dict(path) -> tuple[dict, LoadedFile]:
     from .bsq_vae import normalize_vae_state_dict
 
@@ -337,9 +350,22 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32):
     """Load `infinity_vae_d32reg.pth`, `infinity_vae_d56_f8_14_patchify.pth`, or a converted file."""
     from .bsq_vae import BSQVAE
 
+    from dataclasses import replace
+
+    from .bsq_vae import infer_vae_config
+
     sd, loaded = vae_state_dict(path)
     try:
-        vae = BSQVAE.from_state_dict(sd)
+        config = infer_vae_config(sd)
+        # GroupNorm's group count leaves no trace in the tensor shapes: a VAE trained with another count than
+        # the inferred one carries it in the file's metadata (train.py writes it), else it would decode garbage.
+        groups = loaded.metadata.get(VAE_NORM_GROUPS_KEY)
+        if groups is not None:
+            try:
+                config = replace(config, norm_groups=int(groups))
+            except ValueError as e:
+                raise CheckpointError(f"metadata {VAE_NORM_GROUPS_KEY}={groups!r} does not fit this VAE: {e}") from None
+        vae = BSQVAE.from_state_dict(sd, config=config)
     except CheckpointError as e:
         raise CheckpointError(f"{loaded.path}: {e}") from None
     vae.load_notes = loaded.notes
@@ -387,6 +413,8 @@ def convert(src, dst, dtype: torch.dtype = torch.bfloat16) -> dict:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "echogen.family": family, "echogen.source": Path(loaded.path).name}
+    if family == "bsq_vae" and VAE_NORM_GROUPS_KEY in loaded.metadata:
+        meta[VAE_NORM_GROUPS_KEY] = loaded.metadata[VAE_NORM_GROUPS_KEY]
     # Write next to the target and rename, so an interrupted conversion never leaves a half file behind.
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".partial")
     os.close(fd)

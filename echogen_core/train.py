@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bsq_vae import BSQVAE, BSQVAEConfig, _resize
+from .checkpoint import vae_metadata
 from .echogen import EchoGen, EchoGenConfig, SubjectFeatures
 from .errors import CheckpointError, InputError
 from .infinity import Infinity, InfinityConfig
@@ -812,6 +813,10 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"Cannot read the training checkpoint {path}: {e}") from None
 
 
+_PTH_VAE_GROUPS = ("{path}: this VAE uses norm_groups={groups}, which a .pth file cannot record (the loader reads the "
+                   "group count off the tensor shapes). Export it as .safetensors, which carries it in its metadata.")
+
+
 def export_model(model: nn.Module, path, stage: str, state: Optional[dict] = None) -> dict:
     """echogen: adapter safetensors (checkpoint.save_adapter), loadable with load_echogen(..., adapter=);
     backbone: the official flat Infinity state dict (.pth, or .safetensors), loadable with load_infinity;
@@ -834,12 +839,17 @@ def export_model(model: nn.Module, path, stage: str, state: Optional[dict] = Non
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
         os.close(fd)
         try:
-            save_file(sd, tmp, metadata={"format": "pt", "echogen.family": "bsq_vae" if stage == "tokenizer" else "infinity"})
+            meta = {"format": "pt", "echogen.family": "bsq_vae" if stage == "tokenizer" else "infinity"}
+            if stage == "tokenizer":
+                meta.update(vae_metadata(model.config))
+            save_file(sd, tmp, metadata=meta)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
+        if stage == "tokenizer" and vae_metadata(model.config):
+            raise InputError(_PTH_VAE_GROUPS.format(path=path, groups=model.config.norm_groups))
         atomic_save({"vae": sd} if stage == "tokenizer" else sd, path)
     return {"kind": stage, "tensors": len(sd), "bytes": path.stat().st_size}
 
@@ -1107,6 +1117,10 @@ def run_train(args) -> int:
         resume = _resume_state(args)
         parts = build_models(args, resume, dist.device)
         model = parts.pop("model")
+        export = Path(args.export) if args.export else out_dir / DEFAULT_EXPORT[args.stage]
+        if args.stage == "tokenizer" and export.suffix != ".safetensors" and vae_metadata(model.config):
+            # refuse now rather than after hours of training
+            raise InputError(_PTH_VAE_GROUPS.format(path=export, groups=model.config.norm_groups))
         reference_size = None
         if args.stage == "echogen":
             from .subject import reference_geometry
@@ -1149,7 +1163,6 @@ def run_train(args) -> int:
             if metrics is not None:
                 metrics.close()
         trainer.save_checkpoint(out_dir / "checkpoint-last.pt")
-        export = Path(args.export) if args.export else out_dir / DEFAULT_EXPORT[args.stage]
         info = trainer.export(export)
         if dist.is_main:
             print(f"step {trainer.step}: wrote {out_dir / 'checkpoint-last.pt'} and {export} "
