@@ -69,10 +69,17 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_default: str, tau_default:
     p.add_argument("--top-p", type=float, default=0.97)
     p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sequential-rows", action="store_true",
+                   help="low memory: run the guidance rows through the transformer one after the other instead of "
+                        "in one batch (same image; peak activations of one row group)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="transformer blocks' dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--out", required=True, help="output PNG (batch: _0, _1, ... are appended)")
+
+
+def _rows_note(args) -> str:
+    return "; guidance rows in sequence (low memory)" if args.sequential_rows else ""
 
 
 def resolve_schedule(args, model):
@@ -138,11 +145,12 @@ def cmd_t2i(args) -> int:
         raise EchoGenError(f"The text encoder in {args.text_encoder} gives {encoder.channels}-wide features but the "
                            f"model expects {model.cfg.text_channels} (flan-t5-xl gives 2048).")
     schedule = resolve_schedule(args, model)
-    settings = SamplerSettings(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+    settings = SamplerSettings(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+                               sequential_rows=args.sequential_rows)
     print(f"loaded in {time.time() - t0:.1f} s on {device}; "
           f"model {model.cfg.preset_name() or 'custom'} ({model.compute_dtype})", file=sys.stderr)
     print(f"generating {args.batch} x {schedule.describe()}; cfg={args.cfg} tau={args.tau} "
-          f"top_k={args.top_k} top_p={args.top_p} seed={args.seed}", file=sys.stderr)
+          f"top_k={args.top_k} top_p={args.top_p} seed={args.seed}{_rows_note(args)}", file=sys.stderr)
     text = encoder.encode([args.prompt] * args.batch)
     negative = encoder.encode([args.negative_prompt]) if args.negative_prompt else None
     t1 = time.time()
@@ -261,10 +269,10 @@ def cmd_generate(args) -> int:
     subject = encode_subject(pil_to_reference(prepared.image), model.cfg, dinov2, content_encoder)
     schedule = resolve_schedule(args, model)
     settings = SamplerSettings(cfg=args.cfg, subject_cfg=args.subject_cfg, tau=args.tau, top_k=args.top_k,
-                               top_p=args.top_p)
+                               top_p=args.top_p, sequential_rows=args.sequential_rows)
     print(f"loaded in {time.time() - t0:.1f} s on {device}; model {model.cfg.preset_name() or 'custom'}", file=sys.stderr)
     print(f"generating {args.batch} x {schedule.describe()}; gamma_t={args.cfg} gamma_I={args.subject_cfg} "
-          f"tau={args.tau} top_k={args.top_k} top_p={args.top_p} seed={args.seed}", file=sys.stderr)
+          f"tau={args.tau} top_k={args.top_k} top_p={args.top_p} seed={args.seed}{_rows_note(args)}", file=sys.stderr)
     text = encoder.encode([args.prompt] * args.batch)
     negative = encoder.encode([args.negative_prompt]) if args.negative_prompt else None
     t1 = time.time()

@@ -34,6 +34,10 @@ class SamplerSettings:
     tau: PerScale = 1.0     # temperature on the logits, one value or one per scale
     top_k: int = 0          # per-bit top-k (0 = off; with 2 classes only top_k=1 changes anything)
     top_p: float = 0.97     # per-bit nucleus: a bit whose minority probability is <= 1 - top_p is fixed
+    # Low memory: run the guidance rows through the transformer one group after the other (each with its own
+    # KV cache) instead of stacked along the batch, so a forward's activations are those of one group (a
+    # third with a subject, a half without). Same bits and images; slower where a stacked batch fills the GPU.
+    sequential_rows: bool = False
 
     def per_scale(self, name: str, n: int) -> list[float]:
         return expand_per_scale(getattr(self, name), n, name)
@@ -128,7 +132,8 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     """Text-to-image with Infinity, or subject-driven generation with EchoGen when `subject`
     (SubjectFeatures for each prompt, or one for all) is given.
 
-    `text` holds B prompts; image i uses the generator seeded `seed + i`. Guidance, all rows in one batch:
+    `text` holds B prompts; image i uses the generator seeded `seed + i`. Guidance, all rows in one batch
+    (or one row group after the other with `settings.sequential_rows`):
       without a subject: (text), (empty)                       logits = l_u + g_t (l_t - l_u)
       with a subject:    (text, subject), (text, none), (empty, none)
                          logits = l_uu + g_t (l_t - l_uu) + g_I (l_ti - l_t)
@@ -166,8 +171,16 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
         n_rows = 2 if guided else 1
         rows_subject = model.null_subject(n_rows * B) if is_echogen else None
     ctx = model.encode_conditions(rows_text, rows_subject) if is_echogen else model.encode_text(rows_text)
-    R = n_rows * B
-    cache = model.new_cache(R, schedule)
+    # The transformer runs over row groups: all rows stacked (one group), or each guidance row's B images on
+    # their own (low memory). Guidance combines the groups' logits before any random number is drawn.
+    if settings.sequential_rows and n_rows > 1:
+        for i, block in enumerate(model.blocks):  # the cross-attention K/V once for all rows, as when stacked
+            ctx.kv(i, block)
+        groups = [ctx.select(slice(g * B, (g + 1) * B)) for g in range(n_rows)]
+    else:
+        groups = [ctx]
+    group_rows = n_rows * B // len(groups)
+    caches = [model.new_cache(group_rows, schedule) for _ in groups]
 
     device = model.device
     generators = [torch.Generator(device=device).manual_seed(int(seed) + i) for i in range(B)]
@@ -175,9 +188,10 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
     full = vae_grids[-1]
     summed = torch.zeros(B, vae.bits, *full, device=device)
     all_bits = []
-    x = model.first_tokens(ctx)
+    inputs = [model.first_tokens(g) for g in groups]
     for s, (h, w) in enumerate(schedule.grids):
-        logits = model.forward_scale(x, ctx, schedule, s, cache).mul(1 / tau_list[s])
+        logits = torch.cat([model.forward_scale(x, g, schedule, s, cache)
+                            for x, g, cache in zip(inputs, groups, caches)]).mul(1 / tau_list[s])
         logits = combine_guidance(logits, n_rows, cfg_list[s], subject_cfg_list[s])
         flat = logits.reshape(B, -1, 2)
         bits = torch.stack([sample_bits(flat[i], settings.top_k, settings.top_p, generators[i]) for i in range(B)])
@@ -187,7 +201,8 @@ def generate(model: Infinity, vae, text: TextConditioning, schedule: ScaleSchedu
         summed = summed + resize_codes(codes, full)
         if s + 1 < n_scales:
             nxt = vae_to_token_layout(resize_codes(summed, vae_grids[s + 1]), patchify)
-            x = model.embed_bits(nxt).repeat(R // B, 1, 1)
+            x = model.embed_bits(nxt)  # the same image tokens in every guidance row
+            inputs = [x if group_rows == B else x.repeat(group_rows // B, 1, 1)] * len(groups)
         if on_scale is not None:
             on_scale(s, n_scales, summed)
     images = decode_codes(vae, summed) if decode else None

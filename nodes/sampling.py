@@ -1,6 +1,8 @@
 """Text conditioning, guidance settings, the next-scale sampler and decoding."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import comfy_bridge as bridge
@@ -146,11 +148,17 @@ class EchoGenSampler:
                                                    "text-to-image."}),
                 "guidance": (H.GUIDANCE, {"tooltip": "Guidance settings; released defaults when empty (EchoGen "
                                                      "2.5/2.5/tau 2, Infinity 3/tau 0.5)."}),
+                "sequential_rows": ("BOOLEAN", {"default": False,
+                                                "tooltip": "Low memory: run the guidance rows (EchoGen: text+subject, "
+                                                           "text, empty; Infinity: text, empty) through the model one "
+                                                           "after the other instead of in one batch. Same image; the "
+                                                           "activations of one row at a time, a little slower."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, model, vae, text, width, height, seed, batch_size, subject=None, guidance=None, unique_id=None):
+    def sample(self, model, vae, text, width, height, seed, batch_size, subject=None, guidance=None,
+               sequential_rows=False, unique_id=None):
         for name, v in (("width", width), ("height", height)):
             if not MIN_SIDE <= int(v) <= MAX_SIDE:
                 raise InputError(f"{name} {v} is out of range: use {MIN_SIDE} to {MAX_SIDE} pixels.")
@@ -162,6 +170,7 @@ class EchoGenSampler:
                              f"{cfg.text_channels} (flan-t5-xl gives 2048): load the matching text encoder.")
         features = _subject_features(model, subject)
         settings = guidance or sampler.SamplerSettings(**(ECHOGEN_DEFAULTS if features is not None else INFINITY_DEFAULTS))
+        settings = dataclasses.replace(settings, sequential_rows=bool(sequential_rows))
         positive = _batch_prompts(text, int(batch_size))
         if features is not None:
             features = _match_subjects(features, text.positive.batch_size, int(batch_size))

@@ -43,6 +43,19 @@ def random_bits(schedule_grids, batch: int, bits: int, seed: int = 0):
     return [torch.randint(0, 2, (batch, h, w, bits), generator=g, dtype=torch.uint8) for h, w in schedule_grids]
 
 
+def forward_batches(model, monkeypatch) -> list:
+    """Records the batch size of every transformer forward of the sampler's scale loop."""
+    sizes = []
+    original = type(model).forward_scale
+
+    def recording(self, x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward_scale", recording)
+    return sizes
+
+
 def micro_vae(codebook_dim: int = 8, patch_size: int = 16, seed: int = 1):
     """The real VAE classes at the smallest useful width: decoding 256 px stays well under a second."""
     from echogen_core.bsq_vae import BSQVAE, BSQVAEConfig

@@ -31,8 +31,10 @@ def test_t2i_end_to_end_with_official_layout_files(tmp_path, tiny_t5_dir):
     assert "generating 2 x 320x240" in res.stderr  # 330x250 snaps to the 0.75 template at 0.06M
     first = np.asarray(Image.open(tmp_path / "img_0.png"))
     assert first.shape == (240, 320, 3)
-    again = run_cli(*args[:-4], "--batch", 1, "--out", tmp_path / "alone.png")
+    # alone, and with the guidance rows in sequence (low memory): the same image
+    again = run_cli(*args[:-4], "--batch", 1, "--sequential-rows", "--out", tmp_path / "alone.png")
     assert again.returncode == 0, again.stderr
+    assert "guidance rows in sequence" in again.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png")), first)
     assert not list(tmp_path.glob("*.partial"))
 
@@ -80,3 +82,13 @@ def test_generate_with_subject_end_to_end(tmp_path, tiny_t5_dir):
     # The tiny model's geometry (4x4 content tokens) asks for a 32 px reference; outside the mask it is white.
     reference = np.asarray(Image.open(tmp_path / "reference.png"))
     assert reference.shape == (32, 32, 3) and (reference[:2] == 255).all()
+
+
+def test_sequential_rows_flag_for_both_sampling_commands():
+    from echogen_core.cli import build_parser
+
+    files = ["--model", "m", "--vae", "v", "--text-encoder", "t", "--out", "o.png", "--prompt", "p"]
+    subject = ["--subject-image", "r.png", "--dinov2", "d", "--content-vae", "a"]
+    for command, extra in (("t2i", []), ("generate", subject)):
+        assert build_parser().parse_args([command, *files, *extra]).sequential_rows is False
+        assert build_parser().parse_args([command, *files, *extra, "--sequential-rows"]).sequential_rows is True

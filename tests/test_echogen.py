@@ -9,7 +9,7 @@ from echogen_core.errors import CheckpointError, InputError
 from echogen_core.infinity import Infinity
 from echogen_core.sampler import SamplerSettings, generate, next_scale_inputs
 from echogen_core.schedules import get_schedule
-from helpers import micro_vae, randomize_, random_bits, random_text
+from helpers import forward_batches, micro_vae, randomize_, random_bits, random_text
 
 SCHEDULE = get_schedule(1.0, "0.06M")
 
@@ -420,3 +420,30 @@ def test_training_and_gradients_bypass_the_content_cache(monkeypatch):
         model(text, probe_inputs(), SCHEDULE, subject=subject)
     assert calls == [1, 1, 1] and len(model.content_cache) == 0
 
+
+# -- low-memory mode: guidance rows one group at a time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_sequential_rows_draw_the_same_subject_images(ratio, monkeypatch):
+    """Three row groups run one after the other (each with its own KV cache and content streams): same bits,
+    same images as stacked, with the content streams cached across generations or not."""
+    schedule = get_schedule(ratio, "0.06M")
+    model, uncached = cached_and_uncached(33)
+    vae = micro_vae(codebook_dim=8)
+    text = random_text([5, 7], channels=128, seed=34)
+    subject = random_subject(model.cfg, seed=35)
+    low_memory = SamplerSettings(sequential_rows=True)
+    sizes = forward_batches(model, monkeypatch)
+    for m in (model, uncached):
+        stacked = generate(m, vae, text, schedule, seed=4, subject=subject)
+        assert sizes == [6] * schedule.num_scales
+        sizes.clear()
+        sequential = generate(m, vae, text, schedule, low_memory, seed=4, subject=subject)
+        assert sizes == [2] * (3 * schedule.num_scales)
+        sizes.clear()
+        assert same_result(stacked, sequential)
+        # no subject: the two rows (text, empty) with the learned null subject
+        assert same_result(generate(m, vae, text, schedule, seed=4, decode=False),
+                           generate(m, vae, text, schedule, low_memory, seed=4, decode=False))
+        sizes.clear()

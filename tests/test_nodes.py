@@ -114,6 +114,10 @@ def test_subject_chain_matches_the_core_pipeline(nodes):
     direct = generate(model.managed.obj, vae.obj, text.positive, nearest_schedule(256, 256), settings, seed=3,
                       subject=SubjectFeatures(subject.semantic, subject.content), decode=False)
     torch.testing.assert_close(latent.codes, direct.summed_codes)
+    low_memory, _, _ = build(nodes, "EchoGenSampler", model=model, vae=vae, text=text, width=256, height=256, seed=3,
+                             batch_size=1, subject=subject, guidance=guidance, sequential_rows=True)
+    assert torch.equal(low_memory.codes, latent.codes)
+    assert guidance.sequential_rows is False  # the guidance handle is not changed
 
 
 def test_comfyui_vae_object_gives_the_same_content_tokens(nodes):

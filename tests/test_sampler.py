@@ -6,7 +6,7 @@ from echogen_core.bsq_vae import BSQVAE, BSQVAEConfig
 from echogen_core.errors import CheckpointError, InputError
 from echogen_core.sampler import SamplerSettings, generate, sample_bits, to_uint8
 from echogen_core.schedules import TEMPLATES, get_schedule
-from helpers import micro_vae, random_text, tiny_infinity
+from helpers import forward_batches, micro_vae, random_text, tiny_infinity
 
 SCHEDULE = get_schedule(1.0, "0.06M")
 
@@ -134,3 +134,25 @@ def test_prompts_longer_than_the_learned_empty_prompt_are_cut(pair):
     cut = cut.clipped(n)
     assert cut.features.shape[1] == n and int(cut.lengths[0]) == n
     torch.testing.assert_close(run(pair, long, 2).summed_codes, run(pair, cut, 2).summed_codes)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_sequential_rows_draw_the_same_image_one_row_group_at_a_time(pair, ratio, monkeypatch):
+    """Low-memory mode: the guidance rows run one after the other, with the same bits and images."""
+    schedule = get_schedule(ratio, "0.06M")
+    text = random_text([6, 3], channels=128, seed=12)
+    negative = random_text([4], channels=128, seed=13)
+    sizes = forward_batches(pair[0], monkeypatch)
+    for kw in ({}, {"negative": negative}):
+        stacked = run(pair, text, 5, schedule=schedule, **kw)
+        assert sizes == [4] * schedule.num_scales  # 2 prompts x (text, empty)
+        sizes.clear()
+        sequential = run(pair, text, 5, schedule=schedule, settings=SamplerSettings(cfg=3.0, tau=1.0,
+                                                                                    sequential_rows=True), **kw)
+        assert sizes == [2] * (2 * schedule.num_scales)
+        sizes.clear()
+        assert all(torch.equal(a, b) for a, b in zip(stacked.bits, sequential.bits))
+        assert torch.equal(stacked.images, sequential.images)
+    # without guidance there is one row: nothing to split
+    run(pair, text, 5, settings=SamplerSettings(cfg=1.0, sequential_rows=True), decode=False)
+    assert sizes == [2] * SCHEDULE.num_scales
