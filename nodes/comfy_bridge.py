@@ -168,6 +168,21 @@ class Managed:
             here = next(module.parameters()).device
             self.patcher = ModelPatcher(_Holder(module, here), load_device=load_device(),
                                         offload_device=offload_device(role))
+            if hasattr(obj, "clear_content_cache"):
+                self._release_content_cache_with_the_weights(obj)
+
+    def _release_content_cache_with_the_weights(self, model) -> None:
+        """EchoGen keeps the content stream's K/V of recent rows on the model's device between runs (~1 GB a row
+        for the 2B model at 1024 px). A full unload moves the whole model (`.to()`, which empties that cache);
+        a partial unload under memory pressure moves single layers, so the cache is emptied here too: ComfyUI
+        does not count it and would otherwise free less than it asked for."""
+        partially_unload = self.patcher.partially_unload
+
+        def releasing(*args, **kwargs):
+            model.clear_content_cache()
+            return partially_unload(*args, **kwargs)
+
+        self.patcher.partially_unload = releasing
 
     def get(self):
         if self.patcher is not None:

@@ -1,6 +1,7 @@
 """The bridge against real ComfyUI model management (skipped unless COMFYUI_DIR points to a ComfyUI checkout;
 COMFYUI_PYTHON names the Python it runs with). Checks that our models are visible to ComfyUI: loading registers
-them in model management, the encoders' offload hands them back, and "Unload models" frees them."""
+them in model management, the encoders' offload hands them back, and "Unload models" frees them (EchoGen's
+content cache included)."""
 import os
 import subprocess
 import sys
@@ -37,6 +38,23 @@ SCRIPT = textwrap.dedent('''
     m.get(); mm.unload_all_models()
     assert not listed(), "Unload models did not free it"
     assert any(p.endswith("echogen") for p in folder_paths.get_folder_paths("echogen"))
+    # EchoGen's content cache (K/V kept between runs) goes with the weights: full and partial unloads
+    import torch
+    echogen = sys.modules["echogen_pack.echogen_core.echogen"]
+    text_encoder = sys.modules["echogen_pack.echogen_core.text_encoder"]
+    model = echogen.EchoGen(echogen.EchoGenConfig.tiny()).eval()
+    m = bridge.Managed(model, model, name="tiny echogen")
+    text = text_encoder.TextConditioning(torch.randn(1, 4, 128), torch.tensor([4]))
+
+    def fill():
+        with torch.no_grad():
+            m.get().encode_conditions(text, model.null_subject(1))
+        assert len(model.content_cache) == 1
+
+    fill(); mm.unload_all_models()
+    assert len(model.content_cache) == 0, "a full unload kept the content cache"
+    fill(); m.patcher.partially_unload(m.patcher.offload_device, 1)
+    assert len(model.content_cache) == 0, "a partial unload kept the content cache"
     print("ok")
 ''')
 
