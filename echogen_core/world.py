@@ -60,7 +60,7 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "centre": (0.5, 0.5), "t
              "bottom": (0.5, 0.72)}
 POSITION_WORDS = {"left": "on the left", "right": "on the right", "centre": "in the centre", "top": "at the top",
                   "bottom": "at the bottom"}
-SIZES = {"small": 0.15, "large": 0.26}     # subject radius / image side
+SIZES = {"small": 0.18, "large": 0.28}     # subject radius / image side
 COMPANIONS = ("cube", "ball", "cone")
 COMPANION_COLOURS = ("blue", "red", "yellow", "green")
 COMPANION_RADIUS = 0.09
@@ -267,14 +267,10 @@ def background(name: str, size: int = TARGET_SIZE) -> np.ndarray:
 @lru_cache(maxsize=32)
 def _background(name: str, size: int) -> np.ndarray:
     seed = sorted(BACKGROUNDS).index(name) + 101
-    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     n = _noise(size, seed, 6)
-    fine = rng.random((size, size)).astype(np.float32)
     if name == "grass":
         img = np.stack([40 + 30 * n, 120 + 50 * n, 35 + 20 * n], -1)
-        blades = (fine > 0.8)[..., None]
-        img = np.where(blades, img * 0.7, img)
     elif name == "beach":
         sea = yy < 0.3
         sand = np.stack([225 + 20 * n, 195 + 20 * n, 140 + 15 * n], -1)
@@ -283,14 +279,12 @@ def _background(name: str, size: int) -> np.ndarray:
         img = np.where(((yy >= 0.3) & (yy < 0.34))[..., None], np.array([245, 245, 240], np.float32), img)
     elif name == "snow":
         img = np.stack([232 + 15 * n, 238 + 12 * n, 248 + 7 * n], -1)
-        img = np.where((fine > 0.9)[..., None], img * 0.88, img)
     elif name == "wood":
         plank = (np.floor(yy * 6) % 2)[..., None]
         img = np.stack([150 + 30 * n, 95 + 20 * n, 55 + 10 * n], -1) * (0.85 + 0.15 * plank)
         img = np.where((yy * 6 % 1 < 0.08)[..., None], img * 0.55, img)
     elif name == "night":
         img = np.stack([15 + 15 * n, 20 + 15 * n, 55 + 30 * n], -1)
-        img = np.where((fine > 0.97)[..., None], np.array([250, 250, 220], np.float32), img)
     elif name == "brick":
         row = np.floor(yy * 8)
         off = (row % 2) * 0.5
