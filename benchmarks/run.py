@@ -11,7 +11,8 @@ Random weights give true latency: every matmul, attention and convolution has th
 What is timed (see benchmarks/README.md): text encode, subject encode (reference crop, DINOv2, FLUX.1 VAE
 encoder), the condition encode inside the sampler (prompt context, subject tokens and the content stream),
 every scale (from the sampler's on_scale callback), the BSQ VAE decode; then side-by-side ratios (EchoGen vs
-plain Infinity on the same weights, cached vs recomputed content stream, batch 1 vs 4) and the cold start
+plain Infinity on the same weights, a re-seed with the content-stream K/V kept from the first generation,
+cached vs recomputed content stream, batch 1 vs 4, guidance rows stacked vs in sequence) and the cold start
 from a converted bf16 safetensors file to the first token. Nothing in echogen_core is changed: stages are
 timed by wrapping the models' own methods on the instance for the duration of one call.
 """
@@ -350,14 +351,24 @@ class _StopAfterFirstScale(Exception):
 
 
 def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, memory: Memory, decode: bool,
-                   recompute_conditions: bool = False, stop_after_first_scale: bool = False, seed: int = 0) -> dict:
+                   recompute_conditions: bool = False, stop_after_first_scale: bool = False, seed: int = 0,
+                   settings: SamplerSettings = SETTINGS, warm_cache: bool = False) -> dict:
     """Run the real sampler once; return its stage times.
 
     The condition encode (EchoGen.encode_conditions, or Infinity.encode_text) and VAE.decode are wrapped on the
     instance for this call; each scale ends at its on_scale callback. With `recompute_conditions`, the callback
     calls encode_conditions again before every following scale and swaps the new context into the one the
     sampler holds: what an implementation without the cache would do (text K/V included, as the official
-    sampler recomputes them per scale too)."""
+    sampler recomputes them per scale too; EchoGen's cross-generation content cache is off for that run).
+
+    EchoGen's content cache (content-stream K/V kept across generations) is emptied first, so every figure is
+    that of a first generation, unless `warm_cache` (the re-seed figure)."""
+    cache = getattr(model, "content_cache", None)
+    capacity = None if cache is None else cache.capacity
+    if cache is not None and not warm_cache:
+        cache.clear()
+    if cache is not None and recompute_conditions:
+        cache.capacity = 0  # every recompute runs the content stream again
     is_echogen = hasattr(model, "encode_conditions")
     attr = "encode_conditions" if is_echogen else "encode_text"
     original = getattr(model, attr)
@@ -402,7 +413,7 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
     load = OtherLoad()
     start = clock.stamp()
     try:
-        result = generate(model, vae, text, schedule, SETTINGS, seed=seed, on_scale=on_scale, decode=decode,
+        result = generate(model, vae, text, schedule, settings, seed=seed, on_scale=on_scale, decode=decode,
                           subject=subject)
     except _StopAfterFirstScale:
         pass
@@ -410,6 +421,8 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
         end = clock.stamp()
         delattr(model, attr)
         del vae.decode
+        if cache is not None:
+            cache.capacity = capacity
     loop_peak = marks["loop_peak"] or memory.report()
     out = {"other_processes_cpu_share": load.share()}
     # index 0: wall clock ("..._s"), index 1: process CPU time (under "cpu_s")
@@ -431,6 +444,17 @@ def timed_generate(model, vae, text, schedule, *, subject=None, clock: Clock, me
         out["recompute_s"] = sum(marks["recompute"])
     out["_bits"] = None if result is None else result.bits
     return out
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc malloc_trim), so that a peak RSS growth measured next
+    starts from what is really in use. No-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -498,8 +522,11 @@ def resident_fraction(path: Path) -> Optional[float]:
 # The measurement of one configuration
 
 
+RATIOS = ("echogen_vs_infinity", "reseed", "content_stream", "batch", "sequential_rows")
+
+
 def measure_config(spec: BenchConfig, device="cpu", *, schedule: Optional[ScaleSchedule] = None,
-                   sections=("e2e", "ratios", "cold_start"), ratios=("echogen_vs_infinity", "content_stream", "batch"),
+                   sections=("e2e", "ratios", "cold_start"), ratios=RATIOS,
                    batch: int = 4, repeats: int = 1, warmup: str = "auto", t5: str = "auto", t5_folder=None,
                    precision: str = "auto", log: Callable[[str], None] = print) -> dict:
     """Build the models of `spec` with random weights on `device` and measure them. Returns a JSON-ready dict.
@@ -678,8 +705,35 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                 rs.append(timed_generate(model, vae, text_rows, schedule, clock=clock, memory=memory, decode=False, **kw))
             return _median_run(rs)
 
-        if "echogen_vs_infinity" in ratios:
+        if "reseed" in ratios:
+            # First of the side-by-side runs: the content cache still holds the end-to-end generation's streams.
+            before = echogen.content_cache.misses
+            reseed = run(echogen, text, subject=subject, seed=1, warm_cache=True)
+            reseed_streams = echogen.content_cache.misses - before
+        if {"echogen_vs_infinity", "reseed"} & set(ratios):
             inf = run(plain, text)
+        if "reseed" in ratios:
+            result["ratios"]["reseed"] = {
+                "note": "sampler only, three-row guidance, decode excluded. first: the end-to-end run's generation, "
+                        "content cache cold (the three content streams run). reseed: the same subject and prompt "
+                        "again with a new seed (1); the content-stream K/V kept from the first generation are "
+                        "reused, no stream runs. Infinity 2-row: plain text-to-image with guidance, same weights.",
+                "first_s": sampler_3row, "reseed_s": reseed["total_s"], "infinity_2row_s": inf["total_s"],
+                "ratio_reseed_vs_first": reseed["total_s"] / sampler_3row,
+                "ratio_reseed_vs_infinity": reseed["total_s"] / inf["total_s"],
+                "ratio_first_vs_infinity": sampler_3row / inf["total_s"],
+                "content_stream_rows_run": reseed_streams,
+                "conditions_s": {"first": gen["conditions_s"], "reseed": reseed["conditions_s"],
+                                 "infinity_2row": inf["conditions_s"]},
+                "cpu_time": {"first_s": sampler_3row_cpu, "reseed_s": cpu(reseed), "infinity_2row_s": cpu(inf),
+                             "ratio_reseed_vs_first": cpu(reseed) / sampler_3row_cpu,
+                             "ratio_reseed_vs_infinity": cpu(reseed) / cpu(inf),
+                             "ratio_first_vs_infinity": sampler_3row_cpu / cpu(inf)},
+                "reseed": _public(reseed),
+            }
+            log(f"[{spec.name}] re-seed: {reseed['total_s'] / sampler_3row:.2f}x the first generation, "
+                f"{reseed['total_s'] / inf['total_s']:.2f}x Infinity 2-row ({reseed_streams} content streams run)")
+        if "echogen_vs_infinity" in ratios:
             two = run(echogen, text)  # subject=None: 2 rows (text, empty) with the learned null subject
             result["ratios"]["echogen_vs_infinity"] = {
                 "note": "sampler only (conditions + scales; decode excluded, it is the same VAE); same weights, "
@@ -725,7 +779,36 @@ def _measure(spec, cfg, device, dtype, schedule, sections, ratios, batch, repeat
                     f"({rb['total_s'] / batch / sampler_3row:.2f}x batch 1)")
             except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
                 result["ratios"]["batch"] = {"batch": batch, "error": f"out of memory: {str(e)[:200]}"}
-        skipped = [r for r in ("echogen_vs_infinity", "content_stream", "batch") if r not in ratios]
+        if "sequential_rows" in ratios:
+            runs = {}
+            for mode, settings in (("stacked", SETTINGS), ("sequential", replace(SETTINGS, sequential_rows=True))):
+                _trim_heap()  # CPU: free heap pages back to the OS, so that each RSS growth starts alike
+                runs[mode] = run(echogen, text, subject=subject, settings=settings)
+            st, sq = runs["stacked"], runs["sequential"]
+
+            def grown(r):
+                return r["peak_memory"]["conditions_and_scales"]["growth_bytes"]
+
+            same = sq["_bits"] is not None and all(torch.equal(a, b) for a, b in zip(sq["_bits"], st["_bits"]))
+            result["ratios"]["sequential_rows"] = {
+                "note": "sampler only, three-row guidance, decode excluded, content cache cold in both. stacked: the "
+                        "three guidance rows in one batch per forward (the default). sequential: "
+                        "SamplerSettings(sequential_rows=True), one row group per forward, each with its own KV "
+                        "cache (low-memory mode). Peak memory: growth during conditions + scales.",
+                "stacked_s": st["total_s"], "sequential_s": sq["total_s"], "ratio_time": sq["total_s"] / st["total_s"],
+                "stacked_peak_growth_bytes": grown(st), "sequential_peak_growth_bytes": grown(sq),
+                "ratio_memory": grown(sq) / grown(st) if grown(st) else None,
+                "memory_method": memory.method, "same_bits": bool(same),
+                "cpu_time": {"stacked_s": cpu(st), "sequential_s": cpu(sq), "ratio_time": cpu(sq) / cpu(st)},
+                "device_note": None if cuda else (
+                    "CPU figures: time, and the process's peak RSS growth (what the allocator took from the OS, "
+                    "weights excluded). The GPU activation memory that low-memory mode is for needs a GPU: "
+                    "python benchmarks/run.py --device cuda (torch.cuda.max_memory_allocated)."),
+                "stacked": _public(st), "sequential": _public(sq),
+            }
+            log(f"[{spec.name}] guidance rows in sequence/stacked: time {sq['total_s'] / st['total_s']:.2f}x, "
+                f"peak memory growth {_fmt_bytes(grown(sq))} vs {_fmt_bytes(grown(st))} (same bits: {same})")
+        skipped = [r for r in RATIOS if r not in ratios]
         if skipped:
             result["ratios"]["skipped"] = skipped
         if "content_stream" not in ratios:
@@ -958,6 +1041,22 @@ def format_config(name: str, r: dict) -> str:
         lines.append(f"     EchoGen 2-row / Infinity 2-row   {x['echogen_2row_s']:.3f} / {x['infinity_2row_s']:.3f} s = "
                      f"{x['ratio_2row']:.2f}x{cpu_ratio(x, 'ratio_2row')}   (injection alone, same rows)")
         lines.append(f"         conditions {two['conditions_s']:.3f} s, scales {two['scale_loop_s']:.3f} s")
+    if "reseed" in ratios:
+        x = ratios["reseed"]
+        lines.append(f"     EchoGen 3-row re-seed / first     {x['reseed_s']:.3f} / {x['first_s']:.3f} s = "
+                     f"{x['ratio_reseed_vs_first']:.2f}x{cpu_ratio(x, 'ratio_reseed_vs_first')}   (same subject and "
+                     f"prompt, new seed: content streams kept, {x['content_stream_rows_run']} run)")
+        lines.append(f"     EchoGen 3-row re-seed / Infinity 2-row {x['reseed_s']:.3f} / {x['infinity_2row_s']:.3f} s = "
+                     f"{x['ratio_reseed_vs_infinity']:.2f}x{cpu_ratio(x, 'ratio_reseed_vs_infinity')}   (first "
+                     f"generation: {x['ratio_first_vs_infinity']:.2f}x)")
+    if "sequential_rows" in ratios:
+        x = ratios["sequential_rows"]
+        lines.append(f"     guidance rows in sequence / stacked {x['sequential_s']:.3f} / {x['stacked_s']:.3f} s = "
+                     f"{x['ratio_time']:.2f}x{cpu_ratio(x, 'ratio_time')}; peak memory + "
+                     f"{_fmt_bytes(x['sequential_peak_growth_bytes'])} / {_fmt_bytes(x['stacked_peak_growth_bytes'])}"
+                     f"   (low-memory mode; same bits: {x['same_bits']})")
+        if x.get("device_note"):
+            lines.append(f"         {x['device_note']}")
     if "content_stream" in ratios:
         x = ratios["content_stream"]
         lines.append(f"     content stream recomputed/cached {x['recomputed_s']:.3f} / {x['cached_s']:.3f} s = "
@@ -990,8 +1089,8 @@ def format_config(name: str, r: dict) -> str:
 
 def format_summary(results: dict) -> str:
     """One line per configuration. Ratios are wall time; on the CPU the CPU-time ratio follows in brackets."""
-    lines = [f"{'config':<7}{'e2e s':>9}{'scales s':>9}{'tok/s':>8}{'Echo/Inf':>15}{'recompute':>15}{'b4/b1':>14}"
-             f"{'cold 1st tok':>14}{'warm 1st tok':>14}"]
+    lines = [f"{'config':<7}{'e2e s':>9}{'scales s':>9}{'tok/s':>8}{'Echo/Inf':>15}{'reseed/Inf':>15}{'recompute':>15}"
+             f"{'b4/b1':>14}{'cold 1st tok':>14}{'warm 1st tok':>14}"]
     for name, r in results.items():
         if r.get("status") != "ok":
             lines.append(f"{name:<7}  skipped: {r.get('reason', '')}")
@@ -1017,7 +1116,7 @@ def format_summary(results: dict) -> str:
         e2e = r["e2e"]
         lines.append(f"{name:<7}{e2e['total_s']:>9.2f}{e2e['stages_s']['scale_loop']:>9.2f}"
                      f"{e2e['tokens_per_s']['end_to_end']:>8.1f}{get('echogen_vs_infinity', 'ratio_3row'):>15}"
-                     f"{recomp:>15}{get('batch', 'ratio_per_image'):>14}{cold:>14}{warm:>14}")
+                     f"{get('reseed', 'ratio_reseed_vs_infinity'):>15}{recomp:>15}{get('batch', 'ratio_per_image'):>14}{cold:>14}{warm:>14}")
     return "\n".join(lines)
 
 
@@ -1027,14 +1126,15 @@ def format_summary(results: dict) -> str:
 
 def plan(names: list[str], quick: bool, device: torch.device) -> list[tuple[BenchConfig, dict]]:
     """Which measurements each configuration gets. --quick keeps the CPU set within a few minutes on two cores:
-    the 125M config skips the two runs that cost several generations each on a CPU (content stream recomputed
-    at every scale: 7 extra content-stream passes; batch 4: 4 generations); the tiny config runs everything."""
+    the 125M config skips the runs that cost several generations each on a CPU (content stream recomputed
+    at every scale: 7 extra content-stream passes; batch 4: 4 generations; guidance rows stacked vs in sequence:
+    2 generations); the tiny config runs everything."""
     out = []
     for name in names:
         spec = CONFIGS[name]
         kw: dict = {}
         if quick and device.type == "cpu" and name == "125m":
-            kw["ratios"] = ("echogen_vs_infinity",)
+            kw["ratios"] = ("echogen_vs_infinity", "reseed")
         out.append((spec, kw))
     return out
 

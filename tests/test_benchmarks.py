@@ -34,11 +34,17 @@ def test_measure_tiny_structure(tiny_t5_dir):
     assert ratios["echogen_vs_infinity"]["ratio_3row"] > 0 and ratios["echogen_vs_infinity"]["ratio_2row"] > 0
     assert ratios["content_stream"]["same_bits"] is True  # recomputing changes the time, never the image
     assert ratios["batch"]["batch"] == 2 and ratios["batch"]["per_image_s"] > 0
+    reseed = ratios["reseed"]  # same subject and prompt, new seed: the content streams are kept
+    assert reseed["content_stream_rows_run"] == 0 and reseed["reseed_s"] > 0 and reseed["ratio_reseed_vs_infinity"] > 0
+    low = ratios["sequential_rows"]
+    assert low["same_bits"] is True and low["sequential_s"] > 0 and low["stacked_peak_growth_bytes"] >= 0
+    assert "GPU" in low["device_note"]
     runs = r["cold_start"]["runs"]
     assert [x["run"] for x in runs] == [1, 2] and all(x["to_first_token_s"] >= x["load_s"] > 0 for x in runs)
     assert r["cold_start"]["file_bytes"] > 0
 
-    assert "end to end" in format_config("tiny", r) and "tiny" in format_summary({"tiny": r})
+    text = format_config("tiny", r)
+    assert "end to end" in text and "re-seed" in text and "in sequence" in text and "tiny" in format_summary({"tiny": r})
 
 
 def test_2b_is_skipped_on_cpu():
