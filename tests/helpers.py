@@ -70,7 +70,7 @@ def stand_in_bundle(folder, t5_dir, text_channels: int = 64):
     """The bundled layout with tiny random weights (the real files may not be built in this checkout)."""
     from safetensors.torch import save_file
 
-    from echogen_core.checkpoint import save_adapter
+    from echogen_core.checkpoint import save_adapter, vae_metadata
     from echogen_core.dinov2 import Dinov2, Dinov2Config
     from echogen_core.echogen import EchoGen, EchoGenConfig
     from echogen_core.flux_vae import FluxVAEConfig, FluxVAEEncoder
@@ -81,7 +81,8 @@ def stand_in_bundle(folder, t5_dir, text_channels: int = 64):
     flat = lambda m: {k: v.contiguous().clone() for k, v in m.state_dict().items()}  # noqa: E731
     save_file({k: v for k, v in flat(model).items() if "control" not in k}, folder / "infinity.safetensors")
     save_adapter(model, folder / "adapter.safetensors")
-    save_file(flat(micro_vae()), folder / "vae.safetensors")
+    vae = micro_vae()
+    save_file(flat(vae), folder / "vae.safetensors", metadata=vae_metadata(vae.config))
     save_file(flat(randomize_(Dinov2(Dinov2Config.tiny()), seed=1)), folder / "dinov2.safetensors")
     save_file(flat(randomize_(FluxVAEEncoder(FluxVAEConfig.tiny()), seed=2)), folder / "flux_vae.safetensors")
     (folder / "text_encoder").symlink_to(t5_dir, target_is_directory=True)

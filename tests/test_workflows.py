@@ -26,8 +26,10 @@ from workflow_runner import (core_nodes, definitions_from_classes, execute, expe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
-TEMPLATES = ["infinity_text_to_image", "echogen_subject_driven", "echogen_subject_upscale", "echogen_guidance_sweep"]
-SUBJECT_TEMPLATES = TEMPLATES[1:]
+OFFICIAL_TEMPLATES = ["infinity_text_to_image", "echogen_subject_driven", "echogen_subject_upscale",
+                      "echogen_guidance_sweep"]
+SUBJECT_TEMPLATES = OFFICIAL_TEMPLATES[1:]
+TEMPLATES = OFFICIAL_TEMPLATES + ["echogen_bundled_world"]   # the last runs on the bundled model
 DOG = ROOT.parent / "shared" / "dreambench" / "dataset" / "dog" / "00.jpg"
 # Requested sizes for the executed prompts: t2i also exercises snapping (330x250 -> 320x240 at 0.06M).
 SIZE_OVERRIDE = {"infinity_text_to_image": (330, 250)}
@@ -134,7 +136,7 @@ def test_templates_use_the_official_files_and_settings(env):
               "echogen_subject_driven": {"echogen_2b.pth", "infinity_vae_d32reg.pth", "flan-t5-xl",
                                          "dinov2_vitb14_pretrain.pth", "ae.safetensors", "echogen_reference.png"}}
     wanted["echogen_subject_upscale"] = wanted["echogen_guidance_sweep"] = wanted["echogen_subject_driven"]
-    for name in TEMPLATES:
+    for name in OFFICIAL_TEMPLATES:
         prompt = api_prompt(name, env["classes"])
         values = {v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str)}
         assert wanted[name] <= values, name
@@ -221,6 +223,34 @@ def test_workflow_executes_in_process(name, method, env):
         assert f"({ran})" in label, label
         if ran == "salient":  # the dog was found: the background was painted white
             assert 0.02 < mask.mean() < 0.98 and (prepared[0][mask[0] < 0.01] > 0.99).all()
+
+
+def test_bundled_world_workflow_executes(env, tiny_t5_dir, tmp_path, monkeypatch):
+    """The no-download template: every loader on the bundled entry, the shipped world photo, 4 images of the
+    bundled model's 64x64 (the real bundle when it is built, else tiny random weights in its layout)."""
+    from echogen_core import bundled
+    from helpers import stand_in_bundle
+    from nodes.loaders import BUNDLED
+
+    real = bundled.bundled_available()
+    if not real:
+        stand_in_bundle(tmp_path / "bundle", tiny_t5_dir)
+        monkeypatch.setattr(bundled, "BUNDLE_DIR", tmp_path / "bundle")
+    shipped = WORKFLOWS / "echogen_world_reference.png"
+    (env["root"] / "input" / shipped.name).write_bytes(shipped.read_bytes())
+    classes = env["classes"]
+    prompt = api_prompt("echogen_bundled_world", classes)
+    loaders = [n for n in prompt.values() if n["class_type"].endswith("Loader")]
+    assert len(loaders) == 5 and all(BUNDLED in n["inputs"].values() for n in loaders)
+    run = execute(prompt, classes)
+    (sampler,) = [nid for nid, n in prompt.items() if n["class_type"] == "EchoGenSampler"]
+    assert run.outputs[sampler][1:] == (64, 64)
+    (save,) = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+    files = run.ui[save]["images"]
+    assert len(files) == prompt[sampler]["inputs"]["batch_size"] == 4
+    images = [np.asarray(Image.open(env["root"] / "output" / f["subfolder"] / f["filename"])) for f in files]
+    assert all(im.shape == (64, 64, 3) for im in images)
+    assert not np.array_equal(images[0], images[1]), "image i uses seed + i"
 
 
 def test_converter_skips_ui_only_widget_values(env):

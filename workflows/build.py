@@ -411,11 +411,72 @@ def guidance_sweep():
     return nodes, groups
 
 
+WORLD_REFERENCE = "echogen_world_reference.png"  # shipped in this folder; see bundled_world()
+BUNDLED_NOTE = (
+    "The bundled model: runs with no downloads, on any CPU, in about a second.\n\n"
+    "A tiny EchoGen trained in a few CPU-minutes on the pack's synthetic world (shapes with colours and "
+    "patterns on grass, beach, snow, wood, night sky or brick). It only knows that world and draws 64x64 "
+    "images; it shows how the nodes fit together. Swap the loaders to the real files for real photos.\n\n"
+    f"Drop workflows/{WORLD_REFERENCE} (from the pack's folder) on the Load Image node: a world subject it never "
+    "saw in training, photographed on clutter. Prompts name the shape, a background (on grass, at the beach, "
+    "in the snow, on a wooden floor, under the night sky, in front of a brick wall), a position (on the left, "
+    "on the right, in the centre, at the top, at the bottom), a size (small, large) and optionally "
+    "'next to a blue cube' (blue/red/yellow/green cube/ball/cone).")
+WORLD_PROMPT = "a large star in the centre at the beach next to a red ball"
+
+
+def bundled_world():
+    from nodes.loaders import BUNDLED
+
+    nodes = [
+        N("model", "EchoGenModelLoader", (0, 60), {"model_name": BUNDLED}, width=360),
+        N("vae", "EchoGenVAELoader", (0, 260), {"vae_name": BUNDLED}, width=360),
+        N("t5", "EchoGenTextEncoderLoader", (0, 360), {"folder": BUNDLED}, width=360),
+        N("dinov2", "EchoGenSemanticEncoderLoader", (0, 490), {"dinov2_name": BUNDLED}, width=360),
+        N("flux", "EchoGenContentEncoderLoader", (0, 620), {"vae_name": BUNDLED}, width=360),
+        N("photo", "LoadImage", (420, 60), {"image": WORLD_REFERENCE}, width=320),
+        N("segment", "EchoGenSubjectSegmenter", (780, 60), {"method": "auto", "subject_words": "star", "size": 64},
+          {"image": "photo"}),
+        N("subject_preview", "PreviewImage", (780, 360), links={"images": ("segment", "prepared_image")},
+          title="Prepared subject", height=300),
+        N("semantic", "EchoGenSemanticEncode", (1160, 60),
+          links={"model": "model", "semantic_encoder": "dinov2", "image": ("segment", "prepared_image")}),
+        N("content", "EchoGenContentEncode", (1160, 200),
+          links={"subject": "semantic", "image": ("segment", "prepared_image"), "content_encoder": "flux"}),
+        _text(420, 700, WORLD_PROMPT),
+        N("guidance", "EchoGenGuidance", (GEN_X, 60), {}),
+        N("sampler", "EchoGenSampler", (GEN_X + 380, 60), {"width": 64, "height": 64, "seed": 42, "batch_size": 4},
+          {"model": "model", "vae": "vae", "text": "text", "guidance": "guidance", "subject": "content"}),
+        N("decode", "EchoGenDecode", (GEN_X + 760, 60), links={"vae": "vae", "latent": ("sampler", "latent")}),
+        N("save", "SaveImage", (GEN_X + 1140, 60), {"filename_prefix": "EchoGen/bundled_world"},
+          links={"images": "decode"}, width=400),
+        note("about", (880, 700), BUNDLED_NOTE, width=600, height=330),
+    ]
+    groups = [("Bundled model (no downloads)", ["model", "vae", "t5", "dinov2", "flux"], "#3f789e"),
+              ("Subject", ["photo", "segment", "subject_preview", "semantic", "content"], "#8A8")]
+    return nodes, groups
+
+
+def write_world_reference(path: Path) -> Path:
+    """The workflow's input photo: a held-out subject of the world on clutter (never seen in training)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from echogen_core import world
+    from echogen_core.bundled import RECIPE
+
+    r = RECIPE["world"]
+    _, held = world.split_subjects(r["seed"], r["n_train_subjects"], r["n_heldout_subjects"])
+    held_star = next(s for s in held if s.shape == "star")
+    world.render_reference(held_star, 1000, seed=r["seed"]).pil().save(path)
+    return path
+
+
 TEMPLATES = {
     "infinity_text_to_image": text_to_image,
     "echogen_subject_driven": subject_driven,
     "echogen_subject_upscale": subject_upscale,
     "echogen_guidance_sweep": guidance_sweep,
+    "echogen_bundled_world": bundled_world,
 }
 
 
@@ -445,6 +506,18 @@ def main(argv=None) -> int:
         else:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
+    ref = HERE / WORLD_REFERENCE
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write_world_reference(Path(tmp) / WORLD_REFERENCE)
+        if check:
+            from PIL import Image
+            import numpy as np
+
+            if not ref.exists() or not np.array_equal(np.asarray(Image.open(ref)), np.asarray(Image.open(fresh))):
+                stale.append(ref.name)
+        else:
+            ref.write_bytes(fresh.read_bytes())
+            print(f"wrote {ref.relative_to(ROOT)}")
     if stale:
         print("out of date (run python workflows/build.py): " + ", ".join(stale))
         return 1
