@@ -405,6 +405,21 @@ def test_content_cache_stays_within_its_capacity(monkeypatch):
     assert len(model.content_cache) == 0
 
 
+def test_content_cache_with_weights_made_under_inference_mode(monkeypatch):
+    """ComfyUI runs its nodes, loaders included, under torch.inference_mode: such weights have no version
+    counter, and the cache still works (keyed by their storage)."""
+    with torch.inference_mode():
+        model = tiny_echogen(seed=36)
+    assert model.blocks[0].sa.control_mat_q.weight.is_inference()
+    vae = micro_vae(codebook_dim=8)
+    text, subject = random_text([5], channels=128, seed=37), random_subject(model.cfg, seed=38)
+    calls = count_content_streams(monkeypatch)
+    with torch.inference_mode():
+        a = generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+        b = generate(model, vae, text, SCHEDULE, seed=0, subject=subject, decode=False)
+    assert calls == [3] and same_result(a, b)
+
+
 def test_training_and_gradients_bypass_the_content_cache(monkeypatch):
     model = tiny_echogen(seed=30)
     text, subject = random_text([5], channels=128, seed=31), random_subject(model.cfg, seed=32)
