@@ -1119,8 +1119,12 @@ def run_train(args) -> int:
         model = parts.pop("model")
         export = Path(args.export) if args.export else out_dir / DEFAULT_EXPORT[args.stage]
         if args.stage == "tokenizer" and export.suffix != ".safetensors" and vae_metadata(model.config):
-            # refuse now rather than after hours of training
-            raise InputError(_PTH_VAE_GROUPS.format(path=export, groups=model.config.norm_groups))
+            if args.export:  # asked for .pth explicitly: refuse now rather than after hours of training
+                raise InputError(_PTH_VAE_GROUPS.format(path=export, groups=model.config.norm_groups))
+            export = export.with_suffix(".safetensors")
+            if dist.is_main:
+                print(f"norm_groups={model.config.norm_groups} needs the file's metadata: exporting {export}",
+                      file=sys.stderr)
         reference_size = None
         if args.stage == "echogen":
             from .subject import reference_geometry

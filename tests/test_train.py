@@ -478,7 +478,7 @@ def test_two_process_ddp_on_cpu_keeps_ranks_in_sync(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint-last.pt", "rank0.json", "rank1.json"]
 
 
-def test_train_command_chains_the_stages_tokenizer_then_backbone(cli_files, tmp_path):
+def test_train_command_chains_the_stages_tokenizer_then_backbone(cli_files, tmp_path, capsys):
     """The real recipe's order on tiny configs: a tokenizer from scratch, then a text-to-image backbone on it
     (every weight trained), each exported in the official layout the loaders read."""
     root, t5 = cli_files
@@ -487,10 +487,16 @@ def test_train_command_chains_the_stages_tokenizer_then_backbone(cli_files, tmp_
     common = ["--data", str(root / "data"), "--size", "0.06M", "--num-scales", "2", "--batch-size", "2",
               "--steps", "2", "--workers", "0", "--lr", "0.1", "--log-every", "1"]
     assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok"), "--config", vae_cfg, *common]) == 0
-    vae = ck.load_vae(tmp_path / "tok" / "vae.pth")
-    assert vae.config.base_ch == 8
+    # 4 groups is not what the loader reads off the shapes: the default export becomes safetensors (metadata)
+    assert not (tmp_path / "tok" / "vae.pth").exists()
+    vae = ck.load_vae(tmp_path / "tok" / "vae.safetensors")
+    assert vae.config.base_ch == 8 and vae.config.norm_groups == 4
+    assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok2"), "--config", vae_cfg,
+                     "--export", str(tmp_path / "tok2" / "vae.pth"), *common]) == 2
+    assert "norm_groups=4" in capsys.readouterr().err
+    assert not (tmp_path / "tok2" / "checkpoint-last.pt").exists()  # refused before training
     assert cli_main(["train", "--stage", "backbone", "--out", str(tmp_path / "t2i"), "--config", "tiny", "--vae",
-                   str(tmp_path / "tok" / "vae.pth"), "--text-encoder", str(t5), *common]) == 0
+                   str(tmp_path / "tok" / "vae.safetensors"), "--text-encoder", str(t5), *common]) == 0
     model = ck.load_infinity(tmp_path / "t2i" / "infinity.pth", dtype=torch.float32)
     assert model.cfg == InfinityConfig.tiny(text_channels=64)
     init = Infinity(model.cfg).init_weights(0).state_dict()
