@@ -3,7 +3,8 @@ with the pack's own training pipeline, small enough to ship in the repository an
 
 Files (``echogen_core/bundled_model/``, all safetensors in the official layouts, read by the normal loaders):
 
-  vae.safetensors            BSQ VAE (stride 8, 8 bits, 2x2 patchify like Infinity-8B's tokenizer)  load_vae
+  vae.safetensors            BSQ VAE (stride 8, 8 bits, 2x2 patchify like Infinity-8B's tokenizer;   load_vae
+                             GroupNorm with 4 groups, recorded in the file's metadata)
   infinity.safetensors       Infinity transformer (text-to-image)                                    load_infinity
   adapter.safetensors        EchoGen injection ('control' weights) over infinity.safetensors         load_echogen(adapter=)
   text_encoder/              flan-t5-style encoder + T5 tokenizer (Hugging Face folder)              T5TextEncoder.from_folder
@@ -21,11 +22,13 @@ What is trained and what is not (honestly):
     a random projection keeps them apart), and the trained transformer learns to read them; they carry no
     pretrained semantics, so the bundled model only knows this world.
 
-Reproduce (about 40 minutes of CPU time on 2 cores; see MANIFEST.json for the measured times)::
+Reproduce (59 CPU-minutes on one thread; see MANIFEST.json for the measured times of every stage)::
 
-    python -m echogen_core.bundled build --work /tmp/echogen_bundle --threads 2
+    python -m echogen_core.bundled build --work /tmp/echogen_bundle --threads 1
 
-``--threads`` limits torch (and OpenMP) to that many threads in every stage.
+``--threads`` limits torch (and OpenMP) to that many threads in every stage. One thread is the committed
+recipe: these models' ops are so small that a second thread gains little, and on a machine whose other
+core is busy it made the tokenizer ~7x slower (threads waiting at barriers).
 """
 from __future__ import annotations
 
@@ -61,13 +64,13 @@ RECIPE = {
     "dinov2": {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 56, "seed": SEED},
     "content_vae": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "seed": SEED},
     "tokenizer": {"config": {"codebook_dim": 8, "patch_size": 8, "base_ch": 16, "ch_mult": [1, 1, 2, 2],
-                             "num_res_blocks": 1, "norm_groups": 16},
-                  "args": ["--steps", "2000", "--batch-size", "16", "--lr", "0.032"]},
+                             "num_res_blocks": 1, "norm_groups": 4},
+                  "args": ["--steps", "4000", "--batch-size", "16", "--lr", "0.032"]},
     "backbone": {"config": {"depth": 4, "width": 128, "num_heads": 2, "mlp_hidden": 512, "bits": 32,
                             "text_maxlen": 32, "pool_heads": 1, "block_chunks": 4},
-                 "args": ["--steps", "2000", "--batch-size", "32", "--lr", "0.01"]},
+                 "args": ["--steps", "2500", "--batch-size", "32", "--lr", "0.01"]},
     "echogen": {"reference_size": 64,
-                "args": ["--steps", "1200", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
+                "args": ["--steps", "1500", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
     "common": ["--size", "0.06M", "--num-scales", "3", "--ratio", "1.0", "--workers", "0", "--cache-features",
                "--log-every", "50", "--save-every", "500", "--seed", str(SEED), "--device", "cpu"],
 }
@@ -287,7 +290,7 @@ def write_world(work: Path, recipe: dict = RECIPE) -> Path:
     return data
 
 
-def build(work, threads: int = 2, out=None, stages=("world", "encoders", "tokenizer", "backbone", "echogen"),
+def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokenizer", "backbone", "echogen"),
           recipe: dict = RECIPE) -> dict:
     """Run the whole recipe in `work`, then copy the results into `out` (default: the bundled folder)."""
     import torch
@@ -359,7 +362,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="reproduce the bundled model (world data, encoders, three training stages)")
     b.add_argument("--work", required=True, help="scratch folder (data, checkpoints, logs); runs resume from it")
-    b.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every stage")
+    b.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every stage (the committed "
+                   "build used 1)")
     b.add_argument("--out", default=None, help=f"where the files go (default {BUNDLE_DIR})")
     b.add_argument("--stages", default="world,encoders,tokenizer,backbone,echogen")
     h = sub.add_parser("hashes", help="check the bundled files against MANIFEST.json")
