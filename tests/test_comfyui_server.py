@@ -185,6 +185,8 @@ def server(tmp_path_factory, tiny_t5_dir):
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
     write_probe_pack(base / "custom_nodes" / PROBE_FOLDER)
     Image.open(DOG).convert("RGB").save(base / "input" / "echogen_reference.png")
+    shipped = WORKFLOWS / "echogen_world_reference.png"   # the bundled template's photo
+    (base / "input" / shipped.name).write_bytes(shipped.read_bytes())
     models = write_tiny_models(tmp / "models", tiny_t5_dir)
     config = tmp / "extra_model_paths.yaml"
     config.write_text(f"echogen_test:\n    base_path: {models}\n    echogen: echogen\n"
@@ -258,7 +260,7 @@ def test_every_node_is_listed_with_the_model_files(server, object_info):
     files = set(choices("EchoGenModelLoader", "required", "model_name"))
     assert {"infinity_2b_reg.pth", "echogen_2b.pth", "infinity_vae_d32reg.pth"} <= files
     assert "dinov2_vitb14_pretrain.pth" in choices("EchoGenSemanticEncoderLoader", "required", "dinov2_name")
-    assert choices("EchoGenTextEncoderLoader", "required", "folder") == ["flan-t5-xl"]
+    assert choices("EchoGenTextEncoderLoader", "required", "folder") == ["flan-t5-xl", "bundled: echogen-world-tiny"]
     assert "ae.safetensors" in choices("EchoGenContentEncoderLoader", "required", "vae_name")
     for core in ("LoadImage", "SaveImage", "PreviewImage", "ImageScaleBy"):
         assert core in object_info
@@ -308,14 +310,23 @@ def _announced(prompt: dict, outputs: dict, nid: str) -> tuple[int, int]:
     return round(w * scale), round(h * scale)
 
 
-@pytest.mark.parametrize("name", TEMPLATES)
+def _needs_real_bundle(name):
+    from echogen_core.bundled import bundled_available
+
+    if name not in TEMPLATES and not bundled_available():
+        pytest.skip("the bundled model's files are not in this checkout")
+
+
+@pytest.mark.parametrize("name", ALL_TEMPLATES)
 def test_workflow_runs_on_the_server(server, object_info, name):
     from nodes._core import schedule_info
 
+    _needs_real_bundle(name)
     workflow = load_workflow(WORKFLOWS / f"{name}.json")
     prompt = ui_to_api(workflow, object_info)  # the server's own node definitions
-    width, height = SIZE.get(name, DEFAULT_SIZE)
-    prompt = set_inputs(prompt, "EchoGenSampler", width=width, height=height)
+    if name in TEMPLATES:
+        width, height = SIZE.get(name, DEFAULT_SIZE)
+        prompt = set_inputs(prompt, "EchoGenSampler", width=width, height=height)
     status, reply = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
                                             "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
     assert status == 200 and not reply.get("node_errors"), (reply, server.log_tail())
@@ -325,14 +336,17 @@ def test_workflow_runs_on_the_server(server, object_info, name):
         f"{e.get('node_type')}: {e.get('exception_type')}: {e.get('exception_message')}\n"
         + "".join(e.get("traceback", [])) for e in errors) or server.log_tail()
     outputs = entry["outputs"]
-    want = schedule_info(width, height)
+    # the bundled model samples at the one size it was trained at (64 x 64, 3 scales, 21 tokens)
+    want = schedule_info(width, height) if name in TEMPLATES else {"width": 64, "height": 64, "tokens": 21}
     samplers = [nid for nid, n in prompt.items() if n["class_type"] == "EchoGenSampler"]
     for nid in samplers:
         assert outputs[nid]["echogen_size"] == [f"{want['width']}x{want['height']}", want["tokens"]]
     saves = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saves and len(saves) == (3 if name == "echogen_guidance_sweep" else 1)
     for nid in saves:
-        (image,) = outputs[nid]["images"]
+        images = outputs[nid]["images"]
+        assert len(images) == (1 if name in TEMPLATES else 4)
+        image = images[0]
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image["subfolder"],
                                         "type": image["type"]})
         png = Image.open(BytesIO(server.get(f"/view?{query}", raw=True)))
@@ -345,7 +359,8 @@ def test_workflow_runs_on_the_server(server, object_info, name):
         assert _announced(prompt, outputs, nid) == (2 * want["width"], 2 * want["height"])
     for nid, n in prompt.items():
         if n["class_type"] == "EchoGenSubjectSegmenter":
-            assert outputs[nid]["text"][0].startswith("dog (")  # "dog (salient)" or "dog (none)": what ran
+            words = "dog" if name in TEMPLATES else "star"
+            assert outputs[nid]["text"][0].startswith(f"{words} (")  # e.g. "dog (salient)": what ran
 
 
 def test_templates_load_in_the_real_frontend(server, object_info, tmp_path):
@@ -386,8 +401,12 @@ def test_templates_load_in_the_real_frontend(server, object_info, tmp_path):
             assert r["saved"]["inputs"][str(n["id"])] == n["inputs"], (name, n["type"])
             assert [{k: o[k] for k in ("name", "type", "links")} for o in r["saved"]["outputs"][str(n["id"])]] == \
                 [{k: o[k] for k in ("name", "type", "links")} for o in n["outputs"]], (name, n["type"])
+        from nodes._core import schedule_info
+
         for node in r["nodes"]:
             if node["type"] == "EchoGenSampler":
                 labels = {w[0]: w[2] for w in node["widgets"]}
-                assert labels["width"] == "width → 1024", labels
-                assert labels["height"] == "height → 1024 · 10521 tokens", labels
+                # the label shows the official schedules' snapping (the bundled template asks for 64 -> 256)
+                want = schedule_info(1024, 1024) if name in TEMPLATES else schedule_info(64, 64)
+                assert labels["width"] == f"width → {want['width']}", labels
+                assert labels["height"] == f"height → {want['height']} · {want['tokens']} tokens", labels
