@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
@@ -104,7 +105,7 @@ class EchoGenSelfAttention(SelfAttention):
         self.control_mat_kv = nn.Linear(width, 2 * width, bias=False)
         self.control_v_bias = nn.Parameter(torch.zeros(width))
         self.register_buffer("control_zero_k_bias", torch.zeros(width))
-        self.control_scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.control_scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.control_proj = nn.Linear(width, width)
         self.control_attn = nn.Linear(width, width, bias=False)  # zero-initialised gate
 

@@ -376,7 +376,10 @@ class Infinity(nn.Module):
         self.text_norm = TextNorm(Ct5, cfg.norm_eps)
         self.text_proj_for_sos = TextAttentionPool(C, Ct5, cfg.pool_heads)
         self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct5, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
-        self.lvl_embed = nn.Embedding(cfg.num_levels, C)
+        # nn.Embedding initialises itself with normal_, which on the meta device (where the loaders build) pulls
+        # in torch's compiler stack on first use: ~2 s of cold start for shapes only. Skip it there.
+        on_meta = torch.empty(0).device.type == "meta"
+        self.lvl_embed = nn.Embedding(cfg.num_levels, C, _weight=torch.empty(cfg.num_levels, C) if on_meta else None)
         self.word_embed = nn.Linear(cfg.bits, C)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         blocks = [self.make_block(cfg) for _ in range(cfg.depth)]
