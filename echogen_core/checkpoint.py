@@ -319,6 +319,22 @@ def finalize(model: Infinity, device, dtype: Optional[torch.dtype]) -> Infinity:
 # BSQ VAE
 
 
+def atomic_write(path, write) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: an interrupted run never
+    leaves a half-written file under the real name (and a failed write leaves no temporary file behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 VAE_NORM_GROUPS_KEY = "echogen.vae_norm_groups"
 
 
@@ -410,20 +426,10 @@ def convert(src, dst, dtype: torch.dtype = torch.bfloat16) -> dict:
             v = v.clone()
         seen.add(v.data_ptr())
         out[k] = v
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "echogen.family": family, "echogen.source": Path(loaded.path).name}
     if family == "bsq_vae" and VAE_NORM_GROUPS_KEY in loaded.metadata:
         meta[VAE_NORM_GROUPS_KEY] = loaded.metadata[VAE_NORM_GROUPS_KEY]
-    # Write next to the target and rename, so an interrupted conversion never leaves a half file behind.
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    dst = atomic_write(dst, lambda tmp: save_file(out, tmp, metadata=meta))
     return {"family": family, "tensors": len(out), "bytes": dst.stat().st_size}
 
 
@@ -578,15 +584,6 @@ def save_adapter(model, path) -> dict:
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().clone() for k, v in model.adapter_state_dict().items()}
-    dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt", "echogen.family": "echogen_adapter",
-                                      "echogen.config": json.dumps(model.cfg.to_dict())})
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    meta = {"format": "pt", "echogen.family": "echogen_adapter", "echogen.config": json.dumps(model.cfg.to_dict())}
+    dst = atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return {"tensors": len(sd), "bytes": dst.stat().st_size}

@@ -44,7 +44,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -52,6 +51,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .errors import InputError, MissingDependencyError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -805,17 +805,6 @@ def _safe_name(sample_id: str, used: set) -> str:
     return name
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def prepare_dataset(source: SampleSource, out_dir, segment: bool = True, method: str = "auto",
                     size: int = 512, words: Optional[str] = None, limit: Optional[int] = None,
                     prepare_fn: Optional[Callable] = None, log: Callable[[str], None] = print,
@@ -857,10 +846,10 @@ def prepare_dataset(source: SampleSource, out_dir, segment: bool = True, method:
                 meta.update({k: getattr(prepared, k) for k in ("method", "label", "message")
                              if isinstance(getattr(prepared, k, None), (str, int, float, bool, type(None)))})
                 counts["segmented"] += 1
-            _atomic_write(ref_path, lambda t, im=reference: im.save(t, format="PNG"))
-            _atomic_write(tgt_path, lambda t, im=sample.target: im.convert("RGB").save(t, format="JPEG", quality=95))
-            _atomic_write(txt_path, lambda t, c=sample.caption: Path(t).write_text(c, encoding="utf-8"))
-            _atomic_write(meta_path, lambda t, m=meta: Path(t).write_text(json.dumps(m, indent=1), encoding="utf-8"))
+            atomic_write(ref_path, lambda t, im=reference: im.save(t, format="PNG"))
+            atomic_write(tgt_path, lambda t, im=sample.target: im.convert("RGB").save(t, format="JPEG", quality=95))
+            atomic_write(txt_path, lambda t, c=sample.caption: Path(t).write_text(c, encoding="utf-8"))
+            atomic_write(meta_path, lambda t, m=meta: Path(t).write_text(json.dumps(m, indent=1), encoding="utf-8"))
             counts["written"] += 1
         from .schedules import nearest_template
 
@@ -874,7 +863,7 @@ def prepare_dataset(source: SampleSource, out_dir, segment: bool = True, method:
     for ratio, rows in sorted(buckets.items()):
         path = out / "splits" / f"{ratio:.3f}_{len(rows):09d}.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        _atomic_write(path, lambda t, s=text: Path(t).write_text(s, encoding="utf-8"))
+        atomic_write(path, lambda t, s=text: Path(t).write_text(s, encoding="utf-8"))
     counts["samples"] = n
     return counts
 

@@ -41,7 +41,6 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .checkpoint import atomic_write
 from .errors import InputError, MissingDependencyError
 
 INDEX_SCHEMA = "echogen-dreambench-index/1"
@@ -721,29 +721,17 @@ class EvalSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(path, data) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=False)
             f.write("\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def save_png(image, path) -> None:
-    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _sync(device) -> None:

@@ -34,7 +34,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -46,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bsq_vae import BSQVAE, BSQVAEConfig, _resize
-from .checkpoint import vae_metadata
+from .checkpoint import atomic_write, vae_metadata
 from .echogen import EchoGen, EchoGenConfig, SubjectFeatures
 from .errors import CheckpointError, InputError
 from .infinity import Infinity, InfinityConfig
@@ -490,16 +489,7 @@ def frozen_fingerprint(model: nn.Module, trainable: Callable[[str], bool]) -> st
 
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def model_config_dict(model: nn.Module) -> dict:
@@ -836,17 +826,10 @@ def export_model(model: nn.Module, path, stage: str, state: Optional[dict] = Non
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-        os.close(fd)
-        try:
-            meta = {"format": "pt", "echogen.family": "bsq_vae" if stage == "tokenizer" else "infinity"}
-            if stage == "tokenizer":
-                meta.update(vae_metadata(model.config))
-            save_file(sd, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        meta = {"format": "pt", "echogen.family": "bsq_vae" if stage == "tokenizer" else "infinity"}
+        if stage == "tokenizer":
+            meta.update(vae_metadata(model.config))
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     else:
         if stage == "tokenizer" and vae_metadata(model.config):
             raise InputError(_PTH_VAE_GROUPS.format(path=path, groups=model.config.norm_groups))

@@ -4,6 +4,7 @@ import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,20 @@ def test_flux_vae_file_is_not_taken_for_a_bsq_vae():
     sd = {"encoder.conv_in.weight": torch.zeros(1), "encoder.mid.attn_1.q.weight": torch.zeros(1),
           "decoder.conv_in.weight": torch.zeros(1)}
     assert ck.classify(sd) == "flux_vae"
+
+
+def test_atomic_write_leaves_the_old_file_or_nothing_when_interrupted(tmp_path):
+    """Every file the pack writes (conversions, exports, checkpoints, datasets, evaluations) goes through it."""
+    target = tmp_path / "sub" / "weights.safetensors"
+
+    def interrupted(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_write(target, interrupted)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    ck.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"old"))
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_write(target, interrupted)
+    assert target.read_bytes() == b"old" and [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]
