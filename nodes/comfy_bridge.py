@@ -29,8 +29,10 @@ WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
 @lru_cache(maxsize=1)
 def in_comfyui() -> bool:
     try:
-        import comfy.model_management  # noqa: F401
+        # folder_paths first: it exists only in a ComfyUI process, so outside one nothing else is imported (a
+        # stray `comfy` folder on sys.path would otherwise be imported as a namespace package)
         import folder_paths  # noqa: F401
+        import comfy.model_management  # noqa: F401
     except ImportError:
         return False
     return True
