@@ -12,23 +12,28 @@ Files (``echogen_core/bundled_model/``, all safetensors in the official layouts,
   flux_vae.safetensors       FLUX.1-style VAE encoder (BFL ae.safetensors names, encoder only)       load_flux_vae_encoder
   MANIFEST.json              the recipe, seeds, timings and sha256 of every file
 
-What is trained and what is not (honestly):
-  * trained from scratch with ``python -m echogen_core train``: the BSQ VAE (stage tokenizer), the Infinity
-    transformer (stage backbone, text-to-image on the world's target scenes) and EchoGen's injection (stage
-    echogen, backbone frozen, only 'control' weights trained);
-  * fixed random encoders (never trained, seeded): the text encoder's weights (its *tokenizer* is a real
-    unigram vocabulary built on the world's prompts plus an English corpus), DINOv2 and the FLUX VAE
-    encoder. Random deep features still separate what the world distinguishes (colours, patterns, words:
-    a random projection keeps them apart), and the trained transformer learns to read them; they carry no
-    pretrained semantics, so the bundled model only knows this world.
+Every component is trained from scratch on the world's training folder, in the real recipe's order:
 
-Reproduce (59 CPU-minutes on one thread; see MANIFEST.json for the measured times of every stage)::
+  * stage encoders (``python -m echogen_core pretrain-encoders``): the three frozen encoders EchoGen
+    borrows -- the T5 text encoder by span corruption on the prompts (its tokenizer is a unigram vocabulary
+    built on the world's prompts plus an English corpus), the FLUX-layout encoder as a variational
+    autoencoder on the reference crops, and the DINOv2-layout ViT by naming each reference's shape, colours
+    and pattern (supervised, unlike DINOv2; see encoder_pretraining.py);
+  * stage tokenizer (``python -m echogen_core train --stage tokenizer``): the BSQ VAE, side by side with the
+    encoders (both need only the world; one core each);
+  * stage backbone: the Infinity transformer, text-to-image on the world's target scenes;
+  * stage echogen: EchoGen's injection ('control' weights) over the frozen backbone.
+
+The bundled model only knows this world.
+
+Reproduce (two CPU cores, under an hour; MANIFEST.json has the measured time of every stage)::
 
     python -m echogen_core.bundled build --work /tmp/echogen_bundle --threads 1
 
-``--threads`` limits torch (and OpenMP) to that many threads in every stage. One thread is the committed
-recipe: these models' ops are so small that a second thread gains little, and on a machine whose other
-core is busy it made the tokenizer ~7x slower (threads waiting at barriers).
+``--threads`` limits torch (and OpenMP) to that many threads in every stage process. One thread is the
+committed recipe: these models' ops are so small that a second thread gains little, and while the other
+core was busy it made the tokenizer ~7x slower (threads waiting at barriers); the second core runs the
+encoders instead.
 """
 from __future__ import annotations
 
@@ -60,9 +65,13 @@ SEED = 0
 # The recipe. Everything the command does is a function of these values.
 RECIPE = {
     "world": {"seed": SEED, "n_train_subjects": 600, "n_heldout_subjects": 40, "scenes_per_subject": 6},
-    "text_encoder": {"d_model": 64, "vocab_size": 512, "seed": SEED},
-    "dinov2": {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 56, "seed": SEED},
-    "content_vae": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "seed": SEED},
+    # The three encoders, pretrained from scratch on the world's training folder (encoder_pretraining.py).
+    "text_encoder": {"d_model": 64, "vocab_size": 512, "seed": SEED,
+                     "pretrain": {"steps": 1500, "batch_size": 64, "lr": 0.003}},
+    "dinov2": {"model": {"embed_dim": 128, "depth": 2, "num_heads": 2, "img_size": 56}, "seed": SEED,
+               "pretrain": {"steps": 800, "batch_size": 64, "lr": 0.001}},
+    "content_vae": {"model": {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1}, "seed": SEED,
+                    "pretrain": {"steps": 800, "batch_size": 16, "lr": 0.002, "kl_weight": 0.0001}},
     "tokenizer": {"config": {"codebook_dim": 8, "patch_size": 8, "base_ch": 16, "ch_mult": [1, 1, 2, 2],
                              "num_res_blocks": 1, "norm_groups": 4},
                   "args": ["--steps", "4000", "--batch-size", "16", "--lr", "0.032"]},
@@ -70,7 +79,7 @@ RECIPE = {
                             "text_maxlen": 32, "pool_heads": 1, "block_chunks": 4},
                  "args": ["--steps", "2500", "--batch-size", "32", "--lr", "0.01"]},
     "echogen": {"reference_size": 64,
-                "args": ["--steps", "1500", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
+                "args": ["--steps", "1300", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
     "common": ["--size", "0.06M", "--num-scales", "3", "--ratio", "1.0", "--workers", "0", "--cache-features",
                "--log-every", "50", "--save-every", "500", "--seed", str(SEED), "--device", "cpu"],
 }
@@ -151,10 +160,13 @@ def generate_world(parts: dict, prompts, subject=None, seed: int = 0, sampling: 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The fixed random encoders
+# The encoders
 
 
 def build_text_encoder(folder, recipe: dict = RECIPE) -> Path:
+    """The text encoder's folder before pretraining: the T5 tokenizer (a unigram vocabulary built on the
+    world's prompts plus an English corpus) and the model's config (its initial weights are replaced by
+    encoder_pretraining)."""
     from . import world
     from .text_encoder import build_tiny_t5
 
@@ -163,42 +175,16 @@ def build_text_encoder(folder, recipe: dict = RECIPE) -> Path:
                          vocab_size=r["vocab_size"])
 
 
-def build_dinov2(path, recipe: dict = RECIPE) -> Path:
-    """A DINOv2-layout ViT with fixed random weights (PyTorch's default init for the layers; CLS and the
-    position table N(0, 0.1) so tokens know where they are)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from .dinov2 import Dinov2, Dinov2Config
-
-    r = recipe["dinov2"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r["seed"])
-        model = Dinov2(Dinov2Config.tiny(embed_dim=r["embed_dim"], depth=r["depth"], num_heads=r["num_heads"],
-                                         img_size=r["img_size"]))
-        with torch.no_grad():
-            model.cls_token.normal_(0, 0.1)
-            model.pos_embed.normal_(0, 0.1)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"format": "pt", "echogen.family": "dinov2", "echogen.note": "fixed random"})
-    return Path(path)
-
-
-def build_content_vae(path, recipe: dict = RECIPE) -> Path:
-    """A FLUX.1-layout VAE encoder (16 latent channels, 8x down) with fixed random weights."""
-    import torch
-    from safetensors.torch import save_file
-
-    from .flux_vae import FluxVAEConfig, FluxVAEEncoder
-
-    r = recipe["content_vae"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r["seed"])
-        model = FluxVAEEncoder(FluxVAEConfig.tiny(ch=r["ch"], ch_mult=tuple(r["ch_mult"]),
-                                                  num_res_blocks=r["num_res_blocks"]))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"format": "pt", "echogen.family": "flux_vae_encoder", "echogen.note": "fixed random"})
-    return Path(path)
+def encoders_command(data, work: Path, recipe: dict = RECIPE) -> list:
+    """The exact `python -m echogen_core pretrain-encoders` command line that trains the three encoders."""
+    enc = work / "encoders"
+    conf = {"text": recipe["text_encoder"]["pretrain"],
+            "semantic": {**recipe["dinov2"]["pretrain"], "model": recipe["dinov2"]["model"]},
+            "content": {**recipe["content_vae"]["pretrain"], "model": recipe["content_vae"]["model"]}}
+    return [sys.executable, "-m", "echogen_core", "pretrain-encoders", "--data", str(data),
+            "--text-encoder", str(enc / FILES["text_encoder"]), "--dinov2", str(enc / FILES["dinov2"]),
+            "--content-vae", str(enc / FILES["content_vae"]), "--config", json.dumps(conf),
+            "--seed", str(recipe["world"]["seed"]), "--report", str(enc / "report.json")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,6 +232,19 @@ class StageTimer:
                 "cpu_s": round(sum(v["cpu_s"] for v in self.stages.values()), 1)}
 
 
+def total_time(stages: dict) -> dict:
+    """{wall_s, cpu_s} of a build from its stages' times: stages that ran alongside each other count once,
+    for the longest of them."""
+    wall, seen = 0.0, set()
+    for name, t in stages.items():
+        group = frozenset([name, *t.get("alongside", [])])
+        if group in seen:
+            continue
+        seen.add(group)
+        wall += max(stages[g]["wall_s"] for g in group if g in stages)
+    return {"wall_s": round(wall, 1), "cpu_s": round(sum(t["cpu_s"] for t in stages.values()), 1)}
+
+
 def train_command(stage: str, data, out, work: Path, recipe: dict = RECIPE) -> list:
     """The exact `python -m echogen_core train` command line of a stage."""
     enc = work / "encoders"
@@ -265,14 +264,45 @@ def train_command(stage: str, data, out, work: Path, recipe: dict = RECIPE) -> l
     return cmd + list(recipe[stage]["args"]) + list(recipe["common"])
 
 
-def _run(cmd: list, threads: int, log: Path):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    with open(log, "a", encoding="utf-8") as fh:
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"stage failed (exit {proc.returncode}); see {log}")
+def _stage_env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_stages(commands: dict, threads: int, work: Path) -> dict:
+    """Run {stage: command} side by side (one process each, `threads` threads each, output in WORK/STAGE.log);
+    return {stage: {wall_s, cpu_s}} measured per process. Stops the others and exits if one fails."""
+    running = {}
+    t0 = time.time()
+    for stage, cmd in commands.items():
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        log = open(work / f"{stage}.log", "a", encoding="utf-8")
+        proc = subprocess.Popen(cmd, env=_stage_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        running[proc.pid] = (stage, proc, log)
+    times, failed = {}, None
+    try:
+        while running:
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in running:
+                continue
+            stage, proc, log = running.pop(pid)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            log.close()
+            times[stage] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+            if len(commands) > 1:
+                times[stage]["alongside"] = sorted(set(commands) - {stage})
+            print(f"== {stage}: {times[stage]['wall_s']} s wall, {times[stage]['cpu_s']} s CPU", flush=True)
+            if proc.returncode != 0:
+                failed = (stage, proc.returncode)
+                break
+    finally:
+        for stage, proc, log in running.values():      # a failure or an interrupt stops the rest
+            proc.terminate()
+            proc.wait()
+            log.close()
+    if failed:
+        raise SystemExit(f"stage {failed[0]} failed (exit {failed[1]}); see {work / (failed[0] + '.log')}")
+    return times
 
 
 def write_world(work: Path, recipe: dict = RECIPE) -> Path:
@@ -300,21 +330,24 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
     work.mkdir(parents=True, exist_ok=True)
     out = Path(out) if out is not None else BUNDLE_DIR
     timer = StageTimer()
-    log = work / "train.log"
     data = work / "world_train"
     enc = work / "encoders"
     if "world" in stages:
         data = timer.run("world", write_world, work, recipe)
+    # The encoders and the tokenizer need only the world: they train side by side, one core each.
+    first = {}
     if "encoders" in stages:
-        def encoders():
-            enc.mkdir(parents=True, exist_ok=True)
-            build_text_encoder(enc / FILES["text_encoder"], recipe)
-            build_dinov2(enc / FILES["dinov2"], recipe)
-            build_content_vae(enc / FILES["content_vae"], recipe)
-        timer.run("encoders", encoders)
-    for stage in ("tokenizer", "backbone", "echogen"):
+        timer.run("text tokenizer", build_text_encoder, enc / FILES["text_encoder"], recipe)
+        first["encoders"] = encoders_command(data, work, recipe)
+    if "tokenizer" in stages:
+        first["tokenizer"] = train_command("tokenizer", data, work / "tokenizer", work, recipe)
+    timer.stages.update(run_stages(first, threads, work) if first else {})
+    if "encoders" in timer.stages:
+        tok = timer.stages.pop("text tokenizer")
+        timer.stages["encoders"].update({k: round(timer.stages["encoders"][k] + tok[k], 1) for k in tok})
+    for stage in ("backbone", "echogen"):
         if stage in stages:
-            timer.run(stage, _run, train_command(stage, data, work / stage, work, recipe), threads, log)
+            timer.stages.update(run_stages({stage: train_command(stage, data, work / stage, work, recipe)}, threads, work))
     out.mkdir(parents=True, exist_ok=True)
     copies = {"vae": work / "tokenizer" / FILES["vae"], "backbone": work / "backbone" / FILES["backbone"],
               "adapter": work / "echogen" / FILES["adapter"], "dinov2": enc / FILES["dinov2"],
@@ -337,17 +370,25 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     timings.update(timer.stages)
     timings_file.write_text(json.dumps(timings, indent=1))
-    total = {k: round(sum(v[k] for v in timings.values()), 1) for k in ("wall_s", "cpu_s")}
+    total = total_time(timings)
     manifest = {
         "reproduce": f"python -m echogen_core.bundled build --work WORKDIR --threads {threads}",
         "recipe": recipe,
-        "commands": {s: " ".join(["python"] + train_command(s, "WORKDIR/world_train", f"WORKDIR/{s}",
-                                                          Path("WORKDIR"), recipe)[1:])
-                     for s in ("tokenizer", "backbone", "echogen")},
+        "commands": {
+            "encoders": " ".join(["python"] + encoders_command("WORKDIR/world_train", Path("WORKDIR"), recipe)[1:]),
+            **{s: " ".join(["python"] + train_command(s, "WORKDIR/world_train", f"WORKDIR/{s}", Path("WORKDIR"),
+                                                      recipe)[1:]) for s in ("tokenizer", "backbone", "echogen")}},
         "storage": "infinity and adapter: transformer blocks fp16, everything else fp32 (checkpoint.convert)",
-        "trained": ["vae (tokenizer stage)", "infinity (backbone stage)", "adapter (echogen stage)"],
-        "fixed_random": ["text_encoder weights (tokenizer vocabulary is built on the world's prompts)", "dinov2",
-                         "flux_vae encoder"],
+        "trained": {
+            "text_encoder": "T5 span corruption on the world's prompts (encoders stage; tokenizer: unigram "
+                            "vocabulary built on the world's prompts plus an English corpus)",
+            "dinov2": "names the subject of a reference crop: shape, colours, pattern, and each patch's colour "
+                      "(encoders stage; supervised, unlike DINOv2)",
+            "flux_vae": "encoder of a variational autoencoder on the reference crops (encoders stage)",
+            "vae": "BSQ tokenizer (tokenizer stage)", "infinity": "text-to-image on the world (backbone stage)",
+            "adapter": "EchoGen injection over the frozen backbone (echogen stage)"},
+        "encoder_pretraining": (json.loads((enc / "report.json").read_text())
+                                if (enc / "report.json").is_file() else None),
         "timings": {"threads": threads, "stages": timings, "total": total,
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"},
         "files": file_hashes(out),

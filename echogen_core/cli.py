@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the tokenizer, the Infinity backbone or EchoGen's injection")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
+    from .encoder_pretraining import add_pretrain_arguments, run_pretrain
+
+    p = sub.add_parser("pretrain-encoders", help="train small text (T5), semantic (DINOv2-layout) and content "
+                       "(FLUX-VAE-layout) encoders from scratch on a triplet folder")
+    add_pretrain_arguments(p)
+    p.set_defaults(func=run_pretrain)
     p = sub.add_parser("prepare-data", help="segment references ahead of time; write triplets + official JSONL")
     add_prepare_arguments(p)
     p.set_defaults(func=run_prepare)

@@ -271,6 +271,11 @@ class Dinov2(nn.Module):
         (antialias=None) antialiases when the image is larger than ``size`` (512 -> 448) and not when
         enlarging, where plain bicubic is what both conventions give. Pass True/False to force it.
         """
+        return self(self.preprocess(images01, size, antialias)).float()
+
+    def preprocess(self, images01: torch.Tensor, size: int = 448, antialias: Optional[bool] = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> the (B, 3, size, size) float32 input of forward() (see encode);
+        differentiable, so training sees exactly what inference does."""
         if images01.ndim != 4 or images01.shape[1] != 3:
             raise InputError(f"expected images (B, 3, H, W) in [0, 1], got {tuple(images01.shape)}")
         p = self.cfg.patch_size
@@ -285,7 +290,7 @@ class Dinov2(nn.Module):
             if antialias is None:
                 antialias = H > size or W > size
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)
-        return self(x).float()
+        return x
 
 
 # --------------------------------------------------------------------------------------------------------------
