@@ -28,12 +28,12 @@ The bundled model only knows this world.
 
 Reproduce (two CPU cores, under an hour; MANIFEST.json has the measured time of every stage)::
 
-    python -m echogen_core.bundled build --work /tmp/echogen_bundle --threads 1
+    python -m echogen_core.bundled build --work /tmp/echogen_bundle --cores 2
 
-``--threads`` limits torch (and OpenMP) to that many threads in every stage process. One thread is the
-committed recipe: these models' ops are so small that a second thread gains little, and while the other
-core was busy it made the tokenizer ~7x slower (threads waiting at barriers); the second core runs the
-encoders instead.
+``--cores N`` is what the build may use: the world is written by N processes, the encoders and the
+tokenizer train side by side with N/2 threads each, and the backbone and the injection get all N threads
+(a second thread makes them ~1.3x faster). Never more threads than cores: with the other core busy a
+second thread made the tokenizer ~7x slower (threads waiting at barriers).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ RECIPE = {
                             "text_maxlen": 32, "pool_heads": 1, "block_chunks": 4},
                  "args": ["--steps", "2500", "--batch-size", "32", "--lr", "0.01"]},
     "echogen": {"reference_size": 64,
-                "args": ["--steps", "1300", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
+                "args": ["--steps", "1600", "--batch-size", "32", "--lr", "0.01", "--sa-lr-mult", "1.0"]},
     "common": ["--size", "0.06M", "--num-scales", "3", "--ratio", "1.0", "--workers", "0", "--cache-features",
                "--log-every", "50", "--save-every", "500", "--seed", str(SEED), "--device", "cpu"],
 }
@@ -305,7 +305,16 @@ def run_stages(commands: dict, threads: int, work: Path) -> dict:
     return times
 
 
-def write_world(work: Path, recipe: dict = RECIPE) -> Path:
+def _write_examples(args) -> int:
+    from . import world
+
+    data, items, seed = args
+    return world.write_triplets(data, items, seed, photos=False)["written"]
+
+
+def write_world(work: Path, recipe: dict = RECIPE, processes: int = 1) -> Path:
+    """The world's training folder, written by `processes` processes (every example is a pure function of
+    its subject, scene and seed, so the files do not depend on the split)."""
     from . import world
 
     r = recipe["world"]
@@ -314,18 +323,29 @@ def write_world(work: Path, recipe: dict = RECIPE) -> Path:
     if done.is_file():
         return data
     train, _ = world.split_subjects(r["seed"], r["n_train_subjects"], r["n_heldout_subjects"])
-    world.write_triplets(data, world.examples(train, r["scenes_per_subject"], r["seed"], "train"), r["seed"],
-                         photos=False)
+    items = world.examples(train, r["scenes_per_subject"], r["seed"], "train")
+    data.mkdir(parents=True, exist_ok=True)
+    parts = [(data, items[i::processes], r["seed"]) for i in range(processes)]
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            written = sum(pool.map(_write_examples, parts))
+    else:
+        written = _write_examples(parts[0])
+    if written != len(items):
+        raise RuntimeError(f"wrote {written} of {len(items)} world examples")
     done.write_text("ok")
     return data
 
 
-def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokenizer", "backbone", "echogen"),
+def build(work, cores: int = 2, out=None, stages=("world", "encoders", "tokenizer", "backbone", "echogen"),
           recipe: dict = RECIPE) -> dict:
-    """Run the whole recipe in `work`, then copy the results into `out` (default: the bundled folder)."""
+    """Run the whole recipe in `work` on `cores` cores, then copy the results into `out` (default: the
+    bundled folder)."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cores)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(out) if out is not None else BUNDLE_DIR
@@ -333,7 +353,7 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
     data = work / "world_train"
     enc = work / "encoders"
     if "world" in stages:
-        data = timer.run("world", write_world, work, recipe)
+        data = timer.run("world", write_world, work, recipe, cores)
     # The encoders and the tokenizer need only the world: they train side by side, one core each.
     first = {}
     if "encoders" in stages:
@@ -341,13 +361,13 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
         first["encoders"] = encoders_command(data, work, recipe)
     if "tokenizer" in stages:
         first["tokenizer"] = train_command("tokenizer", data, work / "tokenizer", work, recipe)
-    timer.stages.update(run_stages(first, threads, work) if first else {})
+    timer.stages.update(run_stages(first, max(1, cores // len(first)), work) if first else {})
     if "encoders" in timer.stages:
         tok = timer.stages.pop("text tokenizer")
         timer.stages["encoders"].update({k: round(timer.stages["encoders"][k] + tok[k], 1) for k in tok})
     for stage in ("backbone", "echogen"):
         if stage in stages:
-            timer.stages.update(run_stages({stage: train_command(stage, data, work / stage, work, recipe)}, threads, work))
+            timer.stages.update(run_stages({stage: train_command(stage, data, work / stage, work, recipe)}, cores, work))
     out.mkdir(parents=True, exist_ok=True)
     copies = {"vae": work / "tokenizer" / FILES["vae"], "backbone": work / "backbone" / FILES["backbone"],
               "adapter": work / "echogen" / FILES["adapter"], "dinov2": enc / FILES["dinov2"],
@@ -372,7 +392,7 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
     timings_file.write_text(json.dumps(timings, indent=1))
     total = total_time(timings)
     manifest = {
-        "reproduce": f"python -m echogen_core.bundled build --work WORKDIR --threads {threads}",
+        "reproduce": f"python -m echogen_core.bundled build --work WORKDIR --cores {cores}",
         "recipe": recipe,
         "commands": {
             "encoders": " ".join(["python"] + encoders_command("WORKDIR/world_train", Path("WORKDIR"), recipe)[1:]),
@@ -389,7 +409,7 @@ def build(work, threads: int = 1, out=None, stages=("world", "encoders", "tokeni
             "adapter": "EchoGen injection over the frozen backbone (echogen stage)"},
         "encoder_pretraining": (json.loads((enc / "report.json").read_text())
                                 if (enc / "report.json").is_file() else None),
-        "timings": {"threads": threads, "stages": timings, "total": total,
+        "timings": {"cores": cores, "stages": timings, "total": total,
                     "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"},
         "files": file_hashes(out),
     }
@@ -403,15 +423,15 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="reproduce the bundled model (world data, encoders, three training stages)")
     b.add_argument("--work", required=True, help="scratch folder (data, checkpoints, logs); runs resume from it")
-    b.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every stage (the committed "
-                   "build used 1)")
+    b.add_argument("--cores", type=int, default=2, help="cores the build may use (the committed build: 2); "
+                   "stages that run side by side share them")
     b.add_argument("--out", default=None, help=f"where the files go (default {BUNDLE_DIR})")
     b.add_argument("--stages", default="world,encoders,tokenizer,backbone,echogen")
     h = sub.add_parser("hashes", help="check the bundled files against MANIFEST.json")
     h.add_argument("--folder", default=None)
     args = p.parse_args(argv)
     if args.cmd == "build":
-        build(args.work, args.threads, args.out, tuple(args.stages.split(",")))
+        build(args.work, args.cores, args.out, tuple(args.stages.split(",")))
         return 0
     folder = Path(args.folder) if args.folder else BUNDLE_DIR
     manifest = json.loads((folder / MANIFEST).read_text())

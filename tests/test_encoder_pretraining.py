@@ -190,7 +190,7 @@ def test_the_whole_bundled_build_at_a_micro_recipe(tmp_path):
         args[args.index("--steps") + 1], args[args.index("--batch-size") + 1] = "2", "4"
         recipe[stage]["args"] = args
     out = tmp_path / "bundle"
-    manifest = bundled.build(tmp_path / "work", threads=1, out=out, recipe=recipe)
+    manifest = bundled.build(tmp_path / "work", cores=2, out=out, recipe=recipe)
     stages = manifest["timings"]["stages"]
     assert stages["encoders"]["alongside"] == ["tokenizer"] and stages["tokenizer"]["alongside"] == ["encoders"]
     assert manifest["timings"]["total"]["wall_s"] < sum(s["wall_s"] for s in stages.values())
