@@ -1036,7 +1036,9 @@ def build_models(args, resume: Optional[dict], device) -> dict:
             cfg = _config_arg(args.config, VAE_PRESETS, BSQVAEConfig, "BSQ VAE")
             if cfg is None:
                 raise InputError("The tokenizer stage needs --init VAE_FILE or --config (d32, d14_patchify, tiny or JSON).")
-            out["model"] = BSQVAE(cfg)
+            with torch.random.fork_rng(devices=[]):    # a VAE from scratch starts from the run's seed
+                torch.manual_seed(args.seed)
+                out["model"] = BSQVAE(cfg)
         return out
     if not args.vae or not args.text_encoder:
         raise InputError(f"The {stage} stage needs --vae (the frozen tokenizer) and --text-encoder (flan-t5 folder).")

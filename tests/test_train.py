@@ -491,6 +491,15 @@ def test_train_command_chains_the_stages_tokenizer_then_backbone(cli_files, tmp_
     assert not (tmp_path / "tok" / "vae.pth").exists()
     vae = ck.load_vae(tmp_path / "tok" / "vae.safetensors")
     assert vae.config.base_ch == 8 and vae.config.norm_groups == 4
+    # a tokenizer from scratch is a function of --seed: a second run gives the same weights, another seed others
+    assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok_again"), "--config", vae_cfg,
+                     *common]) == 0
+    again = ck.load_vae(tmp_path / "tok_again" / "vae.safetensors").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in vae.state_dict().items())
+    assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok_seed1"), "--config", vae_cfg,
+                     "--seed", "1", *common]) == 0
+    other = ck.load_vae(tmp_path / "tok_seed1" / "vae.safetensors").state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in vae.state_dict().items())
     assert cli_main(["train", "--stage", "tokenizer", "--out", str(tmp_path / "tok2"), "--config", vae_cfg,
                      "--export", str(tmp_path / "tok2" / "vae.pth"), *common]) == 2
     assert "norm_groups=4" in capsys.readouterr().err
