@@ -32,7 +32,7 @@ Reproduce (two CPU cores, under an hour; MANIFEST.json has the measured time of 
 
 ``--cores N`` is what the build may use: the world is written by N processes, the encoders and the
 tokenizer train side by side with N/2 threads each, and the backbone and the injection get all N threads
-(a second thread makes them ~1.3x faster). Never more threads than cores: with the other core busy a
+(1.1-1.6x faster with a second thread in our builds). Never more threads than cores: with the other core busy a
 second thread made the tokenizer ~7x slower (threads waiting at barriers).
 """
 from __future__ import annotations
