@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -224,7 +225,17 @@ def pretrain_text_encoder(folder, prompts: list, steps: int = TEXT_DEFAULTS["ste
     if missing:
         raise RuntimeError(f"the trained T5 lacks encoder weights {missing[:5]}")
     encoder.eval()
-    encoder.save_pretrained(str(folder))
+    # written beside the folder, then each file renamed into it: an interrupted run leaves the old weights whole
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".", suffix=".partial"))
+    try:
+        encoder.save_pretrained(str(staging))
+        for f in sorted(staging.iterdir()):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {**losses.summary(), "steps": steps}
 
 
@@ -311,13 +322,13 @@ def attribute_labels(subjects: list) -> tuple:
     return vocab, labels
 
 
-def pretrain_semantic_encoder(path, references: np.ndarray, subjects: list, config=None, input_size: int = 56,
+def pretrain_semantic_encoder(path, references: np.ndarray, subjects: list, config=None, input_size=None,
                               steps: int = SEMANTIC_DEFAULTS["steps"],
                               batch_size: int = SEMANTIC_DEFAULTS["batch_size"], lr: float = SEMANTIC_DEFAULTS["lr"],
                               colour_weight: float = SEMANTIC_DEFAULTS["colour_weight"], seed: int = 0,
                               log_every: int = 100) -> dict:
     """Train a DINOv2-layout ViT (``Dinov2Config``, default tiny) on `references` (uint8 (N, S, S, 3)) seen at
-    `input_size` px through Dinov2.preprocess, as encode() sees them; save it to `path` (torch-hub names).
+    `input_size` px (default: the config's img_size) through Dinov2.preprocess, as encode() sees them; save it to `path` (torch-hub names).
     Returns the losses and the training accuracy of each attribute from the CLS token."""
     from safetensors.torch import save_file
 
@@ -325,6 +336,7 @@ def pretrain_semantic_encoder(path, references: np.ndarray, subjects: list, conf
     from .dinov2 import Dinov2, Dinov2Config
 
     cfg = config or Dinov2Config.tiny()
+    input_size = input_size or cfg.img_size      # the side the model's position table was made for
     vocab, labels = attribute_labels(subjects)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -397,12 +409,42 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="write the losses and accuracies here as JSON")
 
 
+_OBJECTIVES = {"text": TEXT_DEFAULTS, "semantic": {**SEMANTIC_DEFAULTS, "model": None},
+               "content": {**CONTENT_DEFAULTS, "model": None}}
+
+
+def _pretrain_config(text: str) -> dict:
+    """--config JSON, checked: known objectives and keys only (a typo would otherwise train with defaults)."""
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--config is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(conf, dict):
+        raise InputError(f"--config must be a JSON object such as {{\"text\": {{\"steps\": 100}}}}, got {text!r}")
+    for name, values in conf.items():
+        if name not in _OBJECTIVES:
+            raise InputError(f"--config names an unknown objective {name!r}; known: {sorted(_OBJECTIVES)}")
+        unknown = sorted(set(values) - set(_OBJECTIVES[name]))
+        if unknown:
+            raise InputError(f"--config {name!r} has unknown keys {unknown}; known: {sorted(_OBJECTIVES[name])}")
+    return conf
+
+
+def _model_config(cls, model: dict):
+    if not model:
+        return None
+    try:
+        return cls.tiny(**model)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--config 'model' {model} is not a valid {cls.__name__}: {e}") from None
+
+
 def run_pretrain(args) -> int:
     if not (args.text_encoder or args.dinov2 or args.content_vae):
         raise InputError("Nothing to pretrain: pass --text-encoder, --dinov2 and/or --content-vae.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    conf = json.loads(args.config)
+    conf = _pretrain_config(args.config)
     report = {}
     if args.text_encoder:
         report["text_encoder"] = pretrain_text_encoder(args.text_encoder, read_prompts(args.data), seed=args.seed,
@@ -415,7 +457,7 @@ def run_pretrain(args) -> int:
 
             c = dict(conf.get("content", {}))
             model = c.pop("model", None)
-            cfg = FluxVAEConfig.tiny(**model) if model else None
+            cfg = _model_config(FluxVAEConfig, model)
             report["content_vae"] = pretrain_content_encoder(args.content_vae, references, cfg, seed=args.seed, **c)
             print(json.dumps({"content_vae": report["content_vae"]}), flush=True)
         if args.dinov2:
@@ -423,7 +465,7 @@ def run_pretrain(args) -> int:
 
             c = dict(conf.get("semantic", {}))
             model = c.pop("model", None)
-            cfg = Dinov2Config.tiny(**model) if model else None
+            cfg = _model_config(Dinov2Config, model)
             report["dinov2"] = pretrain_semantic_encoder(args.dinov2, references, subjects, cfg, seed=args.seed, **c)
             print(json.dumps({"dinov2": report["dinov2"]}), flush=True)
     if args.report:

@@ -4,6 +4,7 @@ import json
 import random
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,44 @@ def test_text_encoder_learns_span_corruption_and_loads_strictly(tiny_t5_dir, tmp
     after = encoder.encode(prompts[:2]).features
     assert after.shape == before.shape and not torch.allclose(after, before)
     assert not any(p.name.startswith("decoder") for p in folder.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["t5"]          # the staging folder is gone
+
+
+def test_text_encoder_interrupted_while_saving_keeps_the_old_weights(tiny_t5_dir, tmp_path, monkeypatch):
+    from transformers import T5EncoderModel
+
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_t5_dir, folder)
+    before = (folder / "model.safetensors").read_bytes()
+
+    def interrupted(self, path, *a, **k):
+        (Path(path) / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T5EncoderModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ep.pretrain_text_encoder(folder, ["a small star on grass"], steps=1, batch_size=2, log_every=0)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t5"]
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{semantic", "not valid JSON"), ("[1]", "must be a JSON object"),
+    ('{"vision": {}}', "unknown objective 'vision'"), ('{"semantic": {"step": 3}}', r"unknown keys \['step'\]"),
+])
+def test_pretrain_config_errors_name_the_problem(config, message):
+    with pytest.raises(InputError, match=message):
+        ep._pretrain_config(config)
+
+
+def test_pretrain_command_refuses_a_bad_model_config(world_folder, tmp_path, capsys):
+    from echogen_core.cli import main
+
+    code = main(["pretrain-encoders", "--data", str(world_folder), "--dinov2", str(tmp_path / "d.safetensors"),
+                 "--config", '{"semantic": {"model": {"width": 3}}}'])
+    assert code == 2 and "not a valid Dinov2Config" in capsys.readouterr().err
+    assert main(["pretrain-encoders", "--data", str(world_folder)]) == 2
+    assert "Nothing to pretrain" in capsys.readouterr().err
 
 
 def test_read_prompts_and_references(world_folder, tmp_path):
@@ -109,7 +148,7 @@ def test_semantic_encoder_learns_the_subjects_and_loads_as_dinov2(world_folder, 
 
     refs, subjects = ep.read_references(world_folder)
     path = tmp_path / "dinov2.safetensors"
-    report = ep.pretrain_semantic_encoder(path, refs, subjects, Dinov2Config.tiny(), input_size=56, steps=60,
+    report = ep.pretrain_semantic_encoder(path, refs, subjects, Dinov2Config.tiny(), steps=60,   # 56 px: img_size
                                           batch_size=24, lr=2e-3, log_every=0)
     assert report["loss_last"] < 0.6 * report["loss_first"], report
     vocab, _ = ep.attribute_labels(subjects)
